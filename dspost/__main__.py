@@ -1,0 +1,5 @@
+import sys
+
+from dspost.cli import main
+
+sys.exit(main())

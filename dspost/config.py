@@ -1,0 +1,293 @@
+"""The recipe schema: one pydantic tree mirroring the component tree.
+
+Importable without torch, Ray or vLLM (the CLI validates and plans with it before anything heavy
+loads). Each field is documented once, by the docstring under it; recipes only override defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class ModelSection(Section):
+    preset: Literal["tiny-math"] | None = "tiny-math"
+    """Built-in model, created (and cached) on first use. Ignored when `path` or `from_stage` is set."""
+    path: str | None = None
+    """Local checkpoint directory in Hugging Face layout (ours, transformers', or DeepSeek FP8)."""
+    from_stage: str | None = None
+    """In a pipeline: start from the final checkpoint of the named earlier stage."""
+    warm_start: bool = True
+    """For `tiny-math`: start from the project's SFT warm start (produced once and cached) instead of
+    random weights. Only the warm-start recipe itself sets this to false."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype. fp32 on CPU: bf16 matmuls are 5-25x slower there."""
+    mtp_loss_weight: float = Field(0.3, ge=0.0)
+    """Weight lambda of the multi-token-prediction loss (0 turns it off)."""
+    bias_update_speed: float = Field(0.001, ge=0.0)
+    """Aux-loss-free balancing: gamma of the per-step router-bias update (0 turns it off)."""
+    seq_balance_loss_weight: float = Field(0.0, ge=0.0)
+    """Alpha of the optional sequence-wise balance loss (DeepSeek-V3 uses 1e-4)."""
+
+
+class DataSection(Section):
+    path: str | None = None
+    """JSONL/JSON/Parquet file or a local `datasets` directory; unset = the built-in synthetic math set."""
+    format: Literal["auto", "gsm8k", "math", "chat", "prompt_completion"] = "auto"
+    """How rows are read: GSM8K (`question`, `answer` with `#### N`), MATH (`problem`, `answer`),
+    chat (`messages`), prompt/completion pairs; `auto` infers it from the columns."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Map from our column names (`prompt`, `completion`, `messages`, `question`, `answer`, ...)
+    to the file's own."""
+    num_train: int = Field(4000, ge=1)
+    """Synthetic set: number of training problems."""
+    num_eval: int = Field(200, ge=1)
+    """Held-out problems (synthetic: a fixed split; files: the last rows, or `eval_path`)."""
+    eval_path: str | None = None
+    """Separate held-out file; unset = split off `num_eval` rows of `path`."""
+    difficulty: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
+    """Synthetic set: difficulty levels to draw from (1 = one-step arithmetic ... 4 = multi-step)."""
+    max_seq_len: int = Field(256, ge=8, le=1_000_000)
+    """Longest tokenized sample; longer rows are counted as bad and dropped."""
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    """Stop with an error if more than this fraction of rows is malformed."""
+    seed: int = 0
+    """Seed of the synthetic generator and of the data order."""
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1)
+    """Adapter rank."""
+    alpha: int = Field(32, ge=1)
+    """Scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter input."""
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+    )
+    """Module names to adapt; the router gate is excluded unless named."""
+
+
+class TrainerSection(Section):
+    num_workers: int = Field(1, ge=1)
+    """Trainer processes. 1 runs in-process without Ray; more run as Ray actors in one torch.distributed group."""
+    num_cpus_per_worker: float = Field(2, gt=0)
+    """CPUs reserved per trainer worker (Ray sets the worker's OMP threads from this)."""
+    num_gpus_per_worker: float = Field(0, ge=0)
+    """GPUs per trainer worker."""
+    max_steps: int = Field(200, ge=1)
+    """Optimizer steps (`--max-steps` caps it)."""
+    batch_size: int = Field(16, ge=1)
+    """Sequences per optimizer step, over all workers and accumulation steps."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    """Peak learning rate."""
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """Cosine floor, as a fraction of `lr`."""
+    warmup_steps: int = Field(10, ge=0)
+    """Linear warm-up steps."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    clip_grad_norm: float = Field(1.0, gt=0.0)
+    """Global gradient-norm clip."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Autocast precision of the forward/backward."""
+    eval_every: int = Field(50, ge=1)
+    """Evaluate on the held-out set every this many steps (and at the end)."""
+    save_every: int = Field(100, ge=1)
+    """Write a checkpoint every this many steps (and at the end)."""
+    seed: int = 0
+    """Seed for initialisation and sampling; a CPU run with the same seed repeats exactly."""
+    lora: LoraSection | None = None
+    """Train LoRA adapters (PEFT format) instead of all parameters."""
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainerSection":
+        if self.batch_size % (self.grad_accum * self.num_workers):
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible by grad_accum x num_workers "
+                f"({self.grad_accum} x {self.num_workers})"
+            )
+        return self
+
+
+class RolloutSection(Section):
+    engine: Literal["vllm"] = "vllm"
+    """Generation engine."""
+    num_workers: int = Field(1, ge=1)
+    """Rollout actors, one engine each."""
+    num_cpus_per_worker: float = Field(1, gt=0)
+    """CPUs reserved per rollout worker."""
+    num_gpus_per_worker: float = Field(0, ge=0)
+    """GPUs per rollout worker."""
+    prompts_per_step: int = Field(16, ge=1)
+    """Prompts per GRPO step."""
+    n: int = Field(8, ge=1)
+    """Samples per prompt (the GRPO group size)."""
+    temperature: float = Field(1.0, ge=0.0)
+    """Sampling temperature."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling."""
+    max_tokens: int = Field(64, ge=1)
+    """New tokens per sample."""
+    stop: list[str] = Field(default_factory=list)
+    """Stop strings (the tokenizer's end-of-turn token always stops)."""
+    enforce_eager: bool = False
+    """vLLM eager mode; off by default because compiled mode matches the trainer's logprobs to ~1e-6 on CPU."""
+    memory_fraction: float = Field(0.3, gt=0.0, le=0.95)
+    """vLLM `gpu_memory_utilization` (on CPU: a fraction of the NUMA node's RAM)."""
+
+
+class AlgorithmSection(Section):
+    loss: Literal["grpo", "dr_grpo", "dapo", "gspo"] = "gspo"
+    """Policy loss, picked by name from the registry (GSPO is the default for MoE)."""
+    kl_beta: float = Field(0.0, ge=0.0)
+    """KL penalty to the reference model (0 = no reference model)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator."""
+    eps_low: float = Field(0.2, ge=0.0)
+    """Lower clip range of the ratio."""
+    eps_high: float = Field(0.28, ge=0.0)
+    """Upper clip range (DAPO clip-higher; equal to eps_low for symmetric clipping)."""
+    tis_cap: float = Field(2.0, ge=1.0)
+    """Truncated importance-sampling cap on the trainer/rollout ratio."""
+    routing_replay: bool = True
+    """Replay the rollout engine's expert routes in the update when the engine returns them."""
+
+
+class RewardTerm(Section):
+    name: str
+    """Registered reward name (`math`, `format`, ...) or a dotted path `pkg.module:function`."""
+    weight: float = 1.0
+    """Weight in the summed reward."""
+
+
+class RewardsSection(Section):
+    terms: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="math")], min_length=1)
+    """Weighted sum of rewards."""
+    timeout: float = Field(5.0, gt=0.0)
+    """Wall-clock limit per scored sample, seconds."""
+    num_workers: int = Field(2, ge=1)
+    """Scoring worker processes."""
+
+
+class RaySection(Section):
+    address: str | None = None
+    """Ray cluster to join (`auto`, or `ray://host:port`); unset = `RAY_ADDRESS` or a local cluster."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs of a local cluster; unset = all of this machine's."""
+
+
+class StageBase(Section):
+    name: str | None = None
+    """Run name; defaults to the recipe file's stem (or the stage's position in a pipeline)."""
+    output_dir: str | None = None
+    """Run directory; unset = `runs/<name>-<timestamp>`."""
+    resume: bool = False
+    """Continue from `output_dir/checkpoints/latest` with the same data order."""
+    ray: RaySection = Field(default_factory=RaySection)
+    """Ray cluster."""
+
+
+class SFTRecipe(StageBase):
+    kind: Literal["sft"]
+    """Supervised fine-tuning (full or LoRA)."""
+    model: ModelSection = Field(default_factory=ModelSection)
+    """Model to train."""
+    data: DataSection = Field(default_factory=DataSection)
+    """Training and held-out data."""
+    trainer: TrainerSection = Field(default_factory=TrainerSection)
+    """Optimisation."""
+
+
+class GRPORecipe(StageBase):
+    kind: Literal["grpo"]
+    """GRPO-family RL with rule-based rewards."""
+    model: ModelSection = Field(default_factory=ModelSection)
+    """Policy to train."""
+    data: DataSection = Field(default_factory=DataSection)
+    """Prompts and held-out set."""
+    trainer: TrainerSection = Field(default_factory=lambda: TrainerSection(lr=1e-5, eval_every=10, save_every=50))
+    """Optimisation."""
+    rollout: RolloutSection = Field(default_factory=RolloutSection)
+    """Rollout pool."""
+    algorithm: AlgorithmSection = Field(default_factory=AlgorithmSection)
+    """Loss and estimators."""
+    rewards: RewardsSection = Field(default_factory=RewardsSection)
+    """Reward terms."""
+
+
+class TeacherSection(Section):
+    path: str | None = None
+    """Teacher checkpoint directory."""
+    from_stage: str | None = None
+    """In a pipeline: the named earlier stage's final checkpoint."""
+    weight: float = Field(1.0, gt=0.0)
+    """Weight w_i of this teacher's reverse KL."""
+    domains: list[str] = Field(default_factory=list)
+    """Data sources routed to this teacher (empty = all)."""
+
+
+class OPDRecipe(GRPORecipe):
+    kind: Literal["opd"]  # type: ignore[assignment]
+    """On-policy distillation (reverse KL) of one or more teachers into the student."""
+    teachers: list[TeacherSection] = Field(min_length=1)
+    """Specialist teachers."""
+
+
+class EvalRMRecipe(StageBase):
+    kind: Literal["eval_rm"]
+    """Evaluate a critic (reward model, judge or rule) on held-out preference pairs."""
+    critic: str = "length"
+    """Critic: a checkpoint path, a registered name (`length`), or a recipe."""
+    data: DataSection = Field(default_factory=DataSection)
+    """Pairwise data (`prompt`/`chosen`/`rejected`, LLMBar, HH-RLHF)."""
+    reference: str | None = None
+    """Critic-of-critics reference set; unset = the shipped one."""
+
+
+Stage = Annotated[Union[SFTRecipe, GRPORecipe, OPDRecipe, EvalRMRecipe], Field(discriminator="kind")]
+
+
+class PipelineRecipe(StageBase):
+    kind: Literal["pipeline"]
+    """Stages run in order; a stage names an earlier one in `model.from_stage` / `teachers[].from_stage`."""
+    stages: list[Stage] = Field(min_length=1)
+    """The stages."""
+
+    @model_validator(mode="after")
+    def _stage_refs(self) -> "PipelineRecipe":
+        seen: list[str] = []
+        for i, stage in enumerate(self.stages):
+            name = stage.name or f"stage{i}"
+            refs = []
+            if getattr(stage, "model", None) is not None and stage.model.from_stage:
+                refs.append(("model.from_stage", stage.model.from_stage))
+            for j, t in enumerate(getattr(stage, "teachers", []) or []):
+                if t.from_stage:
+                    refs.append((f"teachers.{j}.from_stage", t.from_stage))
+            for field, ref in refs:
+                if ref not in seen:
+                    raise ValueError(f"stages.{i}.{field}: {ref!r} is not an earlier stage (earlier: {seen or 'none'})")
+            if name in seen:
+                raise ValueError(f"stages.{i}.name: duplicate stage name {name!r}")
+            seen.append(name)
+        return self
+
+
+Recipe = Union[SFTRecipe, GRPORecipe, OPDRecipe, EvalRMRecipe, PipelineRecipe]
+RECIPE_KINDS: dict[str, type[BaseModel]] = {
+    "sft": SFTRecipe,
+    "grpo": GRPORecipe,
+    "opd": OPDRecipe,
+    "eval_rm": EvalRMRecipe,
+    "pipeline": PipelineRecipe,
+}

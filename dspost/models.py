@@ -1,0 +1,61 @@
+"""Resolve a recipe's `model` section to a checkpoint directory.
+
+`tiny-math` is materialised once into the cache (`$DSPOST_CACHE`, default `~/.cache/dspost`): a random
+init with the project's tokenizer, and the SFT warm start produced from it by `recipes/sft_tiny_math.yaml`
+(keyed by that recipe's content, so editing the recipe makes a new warm start)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from pydantic import BaseModel
+
+REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+WARM_START_RECIPE = REPO_RECIPES / "sft_tiny_math.yaml"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DSPOST_CACHE", Path.home() / ".cache" / "dspost"))
+
+
+def tiny_math_init() -> Path:
+    path = cache_dir() / "tiny-math-init"
+    if (path / "config.json").is_file():
+        return path
+    from dspost.data.synthetic_math import corpus
+    from dspost.model import DeepseekV3, build_tokenizer, tiny_math
+
+    args = tiny_math()
+    tokenizer = build_tokenizer(corpus(), args.vocab_size)
+    model = DeepseekV3(args).init_weights(seed=0)
+    model.save_pretrained(path, tokenizer=tokenizer)
+    return path
+
+
+def tiny_math_warm_start(log=print) -> Path:
+    if not WARM_START_RECIPE.is_file():
+        raise FileNotFoundError(f"{WARM_START_RECIPE}: the warm-start recipe is missing (run from a dspost checkout)")
+    digest = hashlib.sha256(WARM_START_RECIPE.read_bytes()).hexdigest()[:12]
+    out = cache_dir() / f"tiny-math-sft-{digest}"
+    done = out / "checkpoints" / "latest"
+    if done.is_file():
+        return out / "checkpoints" / done.read_text().strip()
+    log(f"tiny-math warm start not cached: training it once with {WARM_START_RECIPE.name} into {out}")
+    from dspost.recipe import load_recipe
+    from dspost.runner import run_stage
+
+    recipe = load_recipe(WARM_START_RECIPE, [f"output_dir={out}", "resume=true"])
+    run_stage(recipe)
+    return out / "checkpoints" / done.read_text().strip()
+
+
+def resolve_model(section: BaseModel, stage_outputs: dict[str, Path] | None = None, log=print) -> Path:
+    if section.from_stage:
+        return stage_outputs[section.from_stage]
+    if section.path:
+        return Path(section.path)
+    if section.preset == "tiny-math":
+        return tiny_math_warm_start(log) if section.warm_start else tiny_math_init()
+    raise ValueError("model: set model.path, model.preset or model.from_stage")

@@ -1,0 +1,138 @@
+"""The resource plan of a recipe: which actors, how many CPUs/GPUs each, where each model lives.
+
+Checked before anything starts: a plan that cannot fit on the local machine is a `RecipeError`.
+On a remote Ray cluster only the cluster knows its size, so the check is left to Ray's scheduler.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from dspost.recipe import RecipeError, stages_of
+
+
+@dataclass(frozen=True)
+class Actor:
+    name: str
+    cpus: float
+    gpus: float
+    holds: str
+    ray: bool = True
+
+
+@dataclass
+class Plan:
+    stage: str
+    kind: str
+    actors: list[Actor] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def cpus(self) -> float:
+        return sum(a.cpus for a in self.actors)
+
+    @property
+    def gpus(self) -> float:
+        return sum(a.gpus for a in self.actors)
+
+    @property
+    def uses_ray(self) -> bool:
+        return any(a.ray for a in self.actors)
+
+
+def model_source(model: BaseModel) -> str:
+    if model.from_stage:
+        return f"final checkpoint of stage {model.from_stage!r}"
+    if model.path:
+        return model.path
+    return f"preset {model.preset}" + (" (SFT warm start)" if model.warm_start else " (random init)")
+
+
+def _trainers(stage: BaseModel, holds: str) -> list[Actor]:
+    t = stage.trainer
+    in_process = t.num_workers == 1
+    return [
+        Actor(f"trainer[{i}]", t.num_cpus_per_worker, t.num_gpus_per_worker, holds, ray=not in_process)
+        for i in range(t.num_workers)
+    ]
+
+
+def _plan_stage(name: str, stage: BaseModel) -> Plan:
+    plan = Plan(stage=name, kind=stage.kind)
+    if stage.kind == "eval_rm":
+        plan.actors.append(Actor("evaluator", 1, 0, f"critic {stage.critic}", ray=False))
+        return plan
+    policy = model_source(stage.model)
+    train_holds = f"policy ({policy}) + optimizer" + (" + LoRA adapters" if stage.trainer.lora else "")
+    if stage.kind in ("grpo", "opd") and stage.algorithm.kl_beta > 0:
+        train_holds += " + reference model"
+    if stage.kind == "sft":
+        plan.actors += _trainers(stage, train_holds)
+        return plan
+    r = stage.rollout
+    plan.actors += [
+        Actor(f"rollout[{i}]", r.num_cpus_per_worker, r.num_gpus_per_worker, f"vLLM engine serving the policy ({policy})")
+        for i in range(r.num_workers)
+    ]
+    # RL needs the rollout and trainer pools side by side, so trainers are Ray actors even when alone.
+    plan.actors += [Actor(a.name, a.cpus, a.gpus, a.holds, ray=True) for a in _trainers(stage, train_holds)]
+    if stage.kind == "opd":
+        for j, teacher in enumerate(stage.teachers):
+            src = teacher.path or f"final checkpoint of stage {teacher.from_stage!r}"
+            plan.actors.append(Actor(f"teacher[{j}]", 1, r.num_gpus_per_worker, f"teacher ({src})"))
+    plan.notes.append(f"reward scoring: {stage.rewards.num_workers} worker processes beside the driver")
+    return plan
+
+
+def build_plans(recipe: BaseModel) -> list[Plan]:
+    return [_plan_stage(prefix.rstrip(".") or (stage.name or "run"), stage) for prefix, stage in stages_of(recipe)]
+
+
+def local_gpu_count() -> int:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return len(list(gpus.iterdir())) if gpus.is_dir() else 0
+
+
+def ray_address(stage: BaseModel) -> str | None:
+    return stage.ray.address or os.environ.get("RAY_ADDRESS")
+
+
+def check_plan(recipe: BaseModel) -> list[Plan]:
+    """Build the plans and refuse any that cannot run here (local cluster or in-process)."""
+    plans = build_plans(recipe)
+    for (prefix, stage), plan in zip(stages_of(recipe), plans):
+        if ray_address(stage):
+            plan.notes.append(f"Ray cluster at {ray_address(stage)}: its scheduler places the actors")
+            continue
+        cpus_here = stage.ray.num_cpus or os.cpu_count() or 1
+        if plan.cpus > cpus_here:
+            detail = ", ".join(f"{a.name} {a.cpus:g}" for a in plan.actors)
+            raise RecipeError(
+                f"{prefix}resources: the plan needs {plan.cpus:g} CPUs ({detail}) but the local cluster has "
+                f"{cpus_here}; lower *.num_cpus_per_worker or *.num_workers, or set ray.address"
+            )
+        gpus_here = local_gpu_count()
+        if plan.gpus > gpus_here:
+            raise RecipeError(
+                f"{prefix}resources: the plan needs {plan.gpus:g} GPUs but this machine has {gpus_here}; "
+                f"set *.num_gpus_per_worker=0 or set ray.address"
+            )
+    return plans
+
+
+def format_plans(plans: list[Plan]) -> str:
+    lines = []
+    for plan in plans:
+        where = "Ray actors" if plan.uses_ray else "in-process (no Ray)"
+        lines.append(f"stage {plan.stage} [{plan.kind}]: {plan.cpus:g} CPUs, {plan.gpus:g} GPUs, {where}")
+        for a in plan.actors:
+            lines.append(f"  {a.name:<12} cpus={a.cpus:<4g} gpus={a.gpus:<4g} {'ray' if a.ray else 'local'}  holds {a.holds}")
+        lines += [f"  note: {n}" for n in plan.notes]
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""Run a validated recipe: one stage, or a pipeline whose stages feed later ones."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from dspost.recipe import stages_of
+from dspost.rundir import RunDir, default_output_dir
+
+
+class Progress:
+    """A tqdm bar with rate and ETA, showing a few headline metrics."""
+
+    KEYS = ("train/loss", "reward/mean", "eval/loss", "eval/accuracy")
+
+    def __init__(self, desc: str):
+        self.desc, self.bar, self.shown = desc, None, {}
+
+    def __call__(self, step: int, total: int, metrics: dict) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, initial=step - 1, desc=self.desc, unit="step", dynamic_ncols=True)
+        self.shown.update({k.split("/")[-1] if k != "eval/loss" else "eval_loss": f"{metrics[k]:.3g}"
+                           for k in self.KEYS if k in metrics})
+        self.bar.set_postfix(self.shown, refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _sft(stage: BaseModel, run: RunDir, model_path: Path, progress: Progress) -> Path:
+    from dspost.sft import run_sft
+
+    return run_sft(stage, run, model_path, progress)
+
+
+STAGE_RUNNERS: dict[str, Callable[[BaseModel, RunDir, Path, Progress], Path]] = {"sft": _sft}
+
+
+def run_stage(stage: BaseModel, stage_outputs: dict[str, Path] | None = None, log=print) -> Path:
+    """Run one stage into its run directory and return its final checkpoint."""
+    from dspost.models import resolve_model
+
+    runner = STAGE_RUNNERS.get(stage.kind)
+    if runner is None:
+        raise NotImplementedError(f"kind: {stage.kind!r} stages are not implemented yet (available: {sorted(STAGE_RUNNERS)})")
+    model_path = resolve_model(stage.model, stage_outputs, log) if hasattr(stage, "model") else None
+    if stage.output_dir is None:
+        stage.output_dir = str(default_output_dir(stage.name or stage.kind))
+    run = RunDir(stage.output_dir, stage)
+    run.log.info("stage %s (%s) starting from %s", stage.name, stage.kind, model_path)
+    progress = Progress(stage.name or stage.kind)
+    try:
+        final = runner(stage, run, model_path, progress)
+    finally:
+        progress.close()
+        run.close()
+    log(f"{stage.name}: done; run directory {run.root}, final checkpoint {final}")
+    return final
+
+
+def run_recipe(recipe: BaseModel, log=print) -> dict[str, Path]:
+    outputs: dict[str, Path] = {}
+    stages = stages_of(recipe)
+    for i, (prefix, stage) in enumerate(stages):
+        if prefix:  # pipeline stage: default its name and run directory from the pipeline's
+            stage.name = stage.name or f"stage{i}"
+            if stage.output_dir is None and recipe.output_dir:
+                stage.output_dir = str(Path(recipe.output_dir) / stage.name)
+        outputs[stage.name or stage.kind] = run_stage(stage, outputs, log)
+    return outputs

@@ -1,0 +1,197 @@
+"""Supervised fine-tuning of our DeepSeek MoE: loss on assistant tokens only, AdamW with warm-up + cosine,
+gradient accumulation and clipping, aux-loss-free bias updates and the MTP loss, held-out loss (and, for
+math data, greedy accuracy) every `eval_every` steps, atomic checkpoints and exact resume.
+
+The data order is a pure function of (seed, step), and the RNG state is checkpointed, so a resumed CPU
+run repeats the uninterrupted one exactly."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from dspost.data.loading import BadRows, Example
+from dspost.rundir import RunDir
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize(examples: list[Example], tok, max_len: int, bad: BadRows, offset: int = 0) -> list[Tokenized]:
+    out = []
+    for i, ex in enumerate(examples):
+        enc = tok.apply_chat_template(ex.messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = list(enc["input_ids"]), list(enc["assistant_masks"])
+        if not any(mask):  # a template without {% generation %} marks: train on the last turn
+            prefix = tok.apply_chat_template(ex.messages[:-1], tokenize=True, add_generation_prompt=True)
+            prefix = prefix["input_ids"] if isinstance(prefix, dict) or hasattr(prefix, "keys") else prefix
+            mask = [0] * len(prefix) + [1] * (len(ids) - len(prefix))
+        if len(ids) > max_len:
+            bad.add(offset + i, f"longer than data.max_seq_len={max_len} tokens")
+            continue
+        out.append(Tokenized(ids, [t if m else -100 for t, m in zip(ids, mask)]))
+    return out
+
+
+def collate(batch: list[Tokenized], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Right padding under a causal mask never reaches real tokens, so no attention mask is needed.
+    S = max(len(s.input_ids) for s in batch)
+    ids = torch.full((len(batch), S), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), S), -100, dtype=torch.long)
+    for i, s in enumerate(batch):
+        ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
+        labels[i, : len(s.labels)] = torch.tensor(s.labels)
+    # Next-token targets: position t predicts t+1.
+    return ids, torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of step `step` (0-based) in an epoch-wise shuffled stream; a pure function of its inputs."""
+    out = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        take = min(batch_size - len(out), n - offset)
+        out += perm[offset: offset + take]
+        pos += take
+    return out
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@torch.no_grad()
+def eval_loss(model, data: list[Tokenized], pad_id: int, batch_size: int) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        ids, labels = collate(data[i: i + batch_size], pad_id)
+        logits = model(ids).logits
+        n = int((labels != -100).sum())
+        total += float(torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"))
+        count += n
+    model.train()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def eval_accuracy(model, examples: list[Example], tok, max_new_tokens: int = 48, batch_size: int = 32) -> float:
+    """Greedy-decode the held-out prompts and grade the final answers with the math verifier."""
+    from dspost.rewards import verify_math
+
+    model.eval()
+    scored = [ex for ex in examples if ex.answer is not None]
+    correct = 0
+    for i in range(0, len(scored), batch_size):
+        chunk = scored[i: i + batch_size]
+        prompts = [list(tok.apply_chat_template(ex.messages[:-1], tokenize=True, add_generation_prompt=True,
+                                                return_dict=True)["input_ids"]) for ex in chunk]
+        outs = model.generate(prompts, max_new_tokens, eos_token_id=tok.eos_token_id)
+        for ex, out in zip(chunk, outs):
+            correct += verify_math(tok.decode(out, skip_special_tokens=True), ex.answer).score == 1.0
+    model.train()
+    return correct / max(len(scored), 1)
+
+
+def run_sft(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> Path:
+    from dspost.data.loading import load_examples
+    from dspost.model import from_pretrained, load_tokenizer
+
+    t, d, m = recipe.trainer, recipe.data, recipe.model
+    if t.num_workers > 1:
+        raise NotImplementedError("trainer.num_workers > 1: multi-worker SFT on Ray is not implemented yet")
+    if t.lora is not None:
+        raise NotImplementedError("trainer.lora: LoRA SFT is not implemented yet")
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    tok = load_tokenizer(str(model_path))
+    train_ex, eval_ex, bad = load_examples(d)
+    train = tokenize(train_ex, tok, d.max_seq_len, bad)
+    held_out = tokenize(eval_ex, tok, d.max_seq_len, bad, offset=len(train_ex))
+    bad.check(d.max_bad_fraction, d.path or "synthetic data")
+    run.log.info("data: %d train, %d held-out samples; bad rows: %s", len(train), len(held_out), bad.summary())
+
+    dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
+    start_step, resume_from = 0, run.latest_checkpoint() if recipe.resume else None
+    model = from_pretrained(resume_from or model_path, dtype=dtype)
+    model.mtp_loss_weight, model.balance_alpha = m.mtp_loss_weight, m.seq_balance_loss_weight
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    if resume_from is not None:
+        state = torch.load(resume_from / "trainer_state.pt", weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        start_step = state["step"]
+        run.truncate_metrics(start_step)
+        run.log.info("resumed from %s at step %d", resume_from, start_step)
+
+    micro = t.batch_size // t.grad_accum
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.precision == "bf16")
+    final = None
+    for step in range(start_step, t.max_steps):
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        idx = batch_indices(len(train), t.batch_size, step, t.seed)
+        sums = {"loss": 0.0, "lm": 0.0, "mtp": 0.0}
+        tokens = 0
+        for j in range(t.grad_accum):
+            ids, labels = collate([train[i] for i in idx[j * micro:(j + 1) * micro]], tok.pad_token_id)
+            with autocast:
+                out = model(ids, labels=labels)
+            (out.loss / t.grad_accum).backward()
+            sums["loss"] += out.loss.item() / t.grad_accum
+            sums["lm"] += out.lm_loss.item() / t.grad_accum
+            sums["mtp"] += sum(x.item() for x in out.mtp_losses) / t.grad_accum
+            tokens += ids.numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_router_biases(m.bias_update_speed)
+        load = model.expert_load()
+        n = step + 1
+        metrics = {
+            "train/loss": sums["loss"], "train/lm_loss": sums["lm"], "train/mtp_loss": sums["mtp"],
+            "train/grad_norm": float(grad_norm), "train/lr": opt.param_groups[0]["lr"],
+            "perf/tokens_per_s": tokens / (time.perf_counter() - t0), "time/step": time.perf_counter() - t0,
+        }
+        if load.numel():
+            metrics["moe/load_max_min_ratio"] = float((load.max(1).values / load.min(1).values.clamp(min=1)).max())
+        if n % t.eval_every == 0 or n == t.max_steps:
+            metrics["eval/loss"] = eval_loss(model, held_out, tok.pad_token_id, 32)
+            if any(ex.answer for ex in eval_ex):
+                metrics["eval/accuracy"] = eval_accuracy(model, eval_ex[:100], tok)
+        run.log_metrics(n, metrics)
+        if progress is not None:
+            progress(n, t.max_steps, metrics)
+        if n % t.save_every == 0 or n == t.max_steps:
+            final = save_checkpoint(run, model, tok, opt, n)
+    return final or run.latest_checkpoint()
+
+
+def save_checkpoint(run: RunDir, model, tok, opt, step: int) -> Path:
+    from dspost.model.checkpoint import atomic_dir, write_checkpoint
+
+    path = run.checkpoint_path(step)
+    with atomic_dir(path) as tmp:
+        write_checkpoint(model, tmp, tokenizer=tok)
+        torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "step": step},
+                   tmp / "trainer_state.pt")
+    run.mark_latest(step)
+    run.log.info("saved %s", path)
+    return path

@@ -1,0 +1,282 @@
+"""Checkpoints in the Hugging Face / vLLM layout: the name table, streaming load, atomic sharded save.
+
+Our state-dict names equal the hub names except for two structural rules, written once here:
+  model.mtp_layers.{k}.*            <-> model.layers.{num_hidden_layers + k}.*
+  ...mlp.experts.gate_up_proj [E,2F,D] <-> ...mlp.experts.{e}.gate_proj.weight (rows :F), up_proj.weight (rows F:)
+  ...mlp.experts.down_proj    [E,D,F]  <-> ...mlp.experts.{e}.down_proj.weight
+MTP layers also carry copies of the shared embedding and head (`embed_tokens`, `shared_head.head`), which
+vLLM's MTP module loads; we write them and ignore them on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dspost.kernels import weight_dequant
+from dspost.model.deepseek_v3 import DeepseekV3, ModelArgs
+
+# stacked expert parameter -> [(per-expert HF leaf, half of the rows or None for all)]
+EXPERT_TABLE: dict[str, list[tuple[str, int | None]]] = {
+    "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
+    "down_proj": [("down_proj", None)],
+}
+MTP_SHARED = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_STACKED_RE = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------- names
+def _to_hf_prefix(name: str, args: ModelArgs) -> str:
+    m = re.match(r"^model\.mtp_layers\.(\d+)\.(.*)$", name)
+    return f"model.layers.{args.num_hidden_layers + int(m[1])}.{m[2]}" if m else name
+
+
+def _from_hf_prefix(name: str, args: ModelArgs) -> str | None:
+    m = re.match(r"^model\.layers\.(\d+)\.(.*)$", name)
+    if m and int(m[1]) >= args.num_hidden_layers:
+        k = int(m[1]) - args.num_hidden_layers
+        if k >= args.num_nextn_predict_layers:
+            return None  # MTP layers this config does not use (HF ignores them likewise)
+        return f"model.mtp_layers.{k}.{m[2]}"
+    return name
+
+
+def hf_tensors(model: DeepseekV3) -> Iterator[tuple[str, torch.Tensor]]:
+    """(hub name, tensor) for every tensor of the checkpoint; views, no copies (also used by weight sync)."""
+    args = model.args
+    state = model.state_dict()
+    for name, t in state.items():
+        m = _STACKED_RE.match(name)
+        if m:
+            prefix = _to_hf_prefix(m[1], args)
+            for e in range(t.shape[0]):
+                for leaf, half in EXPERT_TABLE[m[2]]:
+                    part = t[e] if half is None else t[e].chunk(2, dim=0)[half]
+                    yield f"{prefix}.{e}.{leaf}.weight", part
+            continue
+        if name == "lm_head.weight" and args.tie_word_embeddings:
+            continue
+        yield _to_hf_prefix(name, args), t
+    for k in range(args.num_nextn_predict_layers):
+        for leaf, shared in MTP_SHARED.items():
+            yield f"model.layers.{args.num_hidden_layers + k}.{leaf}", state[shared]
+
+
+# ------------------------------------------------------------------------------------------ save
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a directory under a temporary name and rename it into place, so a crash never leaves half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_pretrained(model: DeepseekV3, path: str | os.PathLike, tokenizer=None,
+                    max_shard_bytes: int = 4 << 30, dtype: torch.dtype | None = None) -> Path:
+    with atomic_dir(path) as tmp:
+        write_checkpoint(model, tmp, tokenizer, max_shard_bytes, dtype)
+    return Path(path)
+
+
+def write_checkpoint(model: DeepseekV3, out: Path, tokenizer=None, max_shard_bytes: int = 4 << 30,
+                     dtype: torch.dtype | None = None) -> None:
+    """Write into an existing directory (callers wrap it in `atomic_dir`)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    seen: set[int] = set()
+    for name, t in hf_tensors(model):
+        if t.data_ptr() in seen and t.numel():  # the MTP copies of the shared embedding/head
+            t = t.clone()
+        seen.add(t.data_ptr())
+        # The correction bias stays fp32 whatever the model dtype (vLLM and HF keep it fp32).
+        t = t.float() if name.endswith("e_score_correction_bias") else (t.to(dtype) if dtype else t)
+        nbytes = t.numel() * t.element_size()
+        if size and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().contiguous().cpu()
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in shard})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    cfg = model.args.to_hf_dict()
+    cfg["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    elif model.source_path:
+        for f in TOKENIZER_FILES:
+            if (Path(model.source_path) / f).is_file():
+                shutil.copy(Path(model.source_path) / f, out / f)
+
+
+# ------------------------------------------------------------------------------------------ load
+def read_config(path: str | os.PathLike) -> dict:
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("model_type") not in ("deepseek_v3", None):
+        raise CheckpointError(f"{cfg_file}: model_type {cfg.get('model_type')!r} is not deepseek_v3")
+    return cfg
+
+
+def _tensor_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors files")
+    return files
+
+
+def iter_checkpoint(path: str | os.PathLike, block_size: int = 128) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream (name, tensor) one at a time; FP8 weights with `weight_scale_inv` come out dequantised."""
+    for f in _tensor_files(Path(path)):
+        with safe_open(str(f), framework="pt") as sf:
+            keys = set(sf.keys())
+            for name in sorted(keys):
+                if name.endswith("_scale_inv"):
+                    continue
+                t = sf.get_tensor(name)
+                scale_name = name + "_scale_inv"
+                if t.dtype == torch.float8_e4m3fn:
+                    if scale_name not in keys:
+                        raise CheckpointError(f"{f.name}: FP8 tensor {name} has no {scale_name} in the same shard")
+                    t = weight_dequant(t, sf.get_tensor(scale_name), block_size)
+                yield name, t
+
+
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> DeepseekV3:
+    path = Path(path)
+    cfg = read_config(path)
+    args = ModelArgs.from_dict(cfg)
+    if args.num_nextn_predict_layers and not _has_layer(path, args.num_hidden_layers):
+        # transformers drops MTP layers when it saves; the main model is complete without them.
+        warnings.warn(f"{path}: config has {args.num_nextn_predict_layers} MTP layers but the checkpoint "
+                      "holds none (written by transformers?); loading without MTP", stacklevel=2)
+        args = args.replace(num_nextn_predict_layers=0, mtp_offsets=None)
+    qcfg = cfg.get("quantization_config") or {}
+    block = (qcfg.get("weight_block_size") or [128, 128])[0]
+    if dtype is None:
+        dtype = getattr(torch, str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"), torch.float32)
+        dtype = torch.float32 if dtype not in (torch.float32, torch.bfloat16, torch.float16) else dtype
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = DeepseekV3(args)
+    model = model.to(dtype).to_empty(device=device)
+    for m in model.moe_layers():
+        m.gate.e_score_correction_bias = m.gate.e_score_correction_bias.float()
+    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    filled: set[str] = set()
+    with torch.no_grad():
+        for name, t in iter_checkpoint(path, block):
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            _load_one(model, targets, name, t, filled)
+    expected = {n for n, _ in hf_tensors(model)} - _mtp_shared_names(args)
+    missing = sorted(expected - filled)
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[:3]}")
+    model.reset_runtime_state()
+    model.source_path = str(path)
+    return model.eval()
+
+
+def _has_layer(path: Path, layer: int) -> bool:
+    prefix = f"model.layers.{layer}."
+    for f in _tensor_files(path):
+        with safe_open(str(f), framework="pt") as sf:
+            if any(k.startswith(prefix) for k in sf.keys()):
+                return True
+    return False
+
+
+def _mtp_shared_names(args: ModelArgs) -> set[str]:
+    return {f"model.layers.{args.num_hidden_layers + k}.{leaf}"
+            for k in range(args.num_nextn_predict_layers) for leaf in MTP_SHARED}
+
+
+def _load_one(model: DeepseekV3, targets: dict, name: str, t: torch.Tensor, filled: set[str]) -> None:
+    args = model.args
+    if name in _mtp_shared_names(args):
+        return
+    m = _EXPERT_RE.match(name)
+    if m:
+        stacked = _from_hf_prefix(m[1], args)
+        if stacked is None:
+            return
+        leaf, e = m[3], int(m[2])
+        param_name = "gate_up_proj" if leaf in ("gate_proj", "up_proj") else "down_proj"
+        dst = targets.get(f"{stacked}.{param_name}")
+        if dst is None or e >= dst.shape[0]:
+            raise CheckpointError(f"checkpoint tensor {name} does not fit this config")
+        half = dict(EXPERT_TABLE[param_name])[leaf]
+        dst = dst[e] if half is None else dst[e].chunk(2, dim=0)[half]
+        _copy(dst, t, name)
+        filled.add(name)
+        return
+    m = _STACKED_RE.match(name)  # transformers v5 may keep experts fused on disk
+    if m:
+        ours = f"{_from_hf_prefix(m[1], args)}.{m[2]}"
+        _copy(targets[ours], t, name)
+        filled.update(f"{m[1]}.{e}.{leaf}.weight" for e in range(targets[ours].shape[0])
+                      for leaf, _ in EXPERT_TABLE[m[2]])
+        return
+    ours = _from_hf_prefix(name, args)
+    if ours is None:
+        return
+    if ours not in targets:
+        raise CheckpointError(f"checkpoint tensor {name} has no place in this model (config mismatch?)")
+    _copy(targets[ours], t, name)
+    filled.add(name)
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise CheckpointError(f"checkpoint tensor {name} has shape {tuple(src.shape)}, model expects {tuple(dst.shape)}")
+    dst.copy_(src.to(dst.dtype))
+
+
+def check_vllm_servable(path: str | os.PathLike) -> None:
+    """Refuse a checkpoint that vLLM's DeepseekV3 path would serve as a different model."""
+    cfg = read_config(path)
+    args = ModelArgs.from_dict(cfg)
+    unsupported = cfg.get("dspost_vllm_unsupported") or args.vllm_unsupported()
+    if unsupported:
+        raise CheckpointError(f"{path}: vLLM cannot serve this model faithfully: uses {', '.join(unsupported)}")
