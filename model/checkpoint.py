@@ -200,8 +200,6 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     with torch.device("meta"):
         model = DeepseekV3(args)
     model = model.to(dtype).to_empty(device=device)
-    for m in model.moe_layers():
-        m.gate.e_score_correction_bias = m.gate.e_score_correction_bias.float()
     targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     filled: set[str] = set()
     with torch.no_grad():

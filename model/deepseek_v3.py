@@ -317,6 +317,17 @@ class Gate(nn.Module):
         self.updates = 0
         self.last_load_E: torch.Tensor | None = None
 
+    FP32_BUFFERS = ("e_score_correction_bias", "load_E", "window_load_E", "corrective_E")
+
+    def _apply(self, fn, recurse=True):
+        # Model-wide dtype casts move these buffers but keep them fp32 (as HF and vLLM do).
+        kept = {n: self._buffers.pop(n) for n in self.FP32_BUFFERS}
+        super()._apply(fn, recurse)
+        for n, t in kept.items():
+            moved = fn(t)
+            self._buffers[n] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        return self
+
     def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x_TD.float(), self.weight.float())
         if self.args.scoring_func == "sigmoid":

@@ -1,0 +1,66 @@
+"""SFT through the CLI: the run-directory contract, and a resumed run repeating the uninterrupted one."""
+
+import json
+
+import pytest
+
+from dspost.cli import main
+from dspost.rundir import read_metrics
+
+ARGS = ["model.warm_start=false", "data.num_train=64", "data.num_eval=8", "data.max_seq_len=128",
+        "trainer.batch_size=8", "trainer.grad_accum=2", "trainer.eval_every=2", "trainer.save_every=2",
+        "trainer.warmup_steps=1", "trainer.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("recipes") / "sft_test.yaml"
+    path.write_text("kind: sft\n")
+    return path
+
+
+def run(recipe, out, *extra):
+    assert main(["run", str(recipe), f"output_dir={out}", *ARGS, *extra]) == 0
+
+
+def test_run_directory_contract(recipe, tmp_path):
+    out = tmp_path / "run"
+    run(recipe, out, "--max-steps", "4")
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all("train/loss" in r for r in rows)
+    assert [r["step"] for r in rows if "eval/loss" in r] == [2, 4]
+    assert all(0.0 <= r["eval/accuracy"] <= 1.0 for r in rows if "eval/accuracy" in r)
+    assert (out / "config.yaml").is_file() and (out / "run.log").is_file()
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert {p.name for p in (out / "plots").glob("*.png")} >= {"train.png", "eval.png"}
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_4"
+    ckpt = out / "checkpoints" / "step_4"
+    assert json.loads((ckpt / "config.json").read_text())["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert (ckpt / "tokenizer.json").is_file() and (ckpt / "model.safetensors").is_file()
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporaries left
+    assert main(["plot", str(out)]) == 0
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(recipe, tmp_path):
+    run(recipe, tmp_path / "full", "--max-steps", "6")
+    run(recipe, tmp_path / "cut", "--max-steps", "2")
+    run(recipe, tmp_path / "cut", "--max-steps", "6", "resume=true")
+    full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [1, 2, 3, 4, 5, 6]
+    assert [r["train/loss"] for r in cut] == [r["train/loss"] for r in full]
+    assert [r.get("eval/loss") for r in cut] == [r.get("eval/loss") for r in full]
+
+
+def test_bad_rows_are_counted_and_stop_the_run_past_the_limit(recipe, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"What is {i} + 1?", "completion": f"\\boxed{{{i + 1}}}"} for i in range(30)]
+    rows += [{"prompt": "empty", "completion": ""}] * 10
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = main(["run", str(recipe), f"output_dir={tmp_path / 'o'}", *ARGS, f"data.path={data}", "--max-steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "10/40 rows are bad" in err and "missing or empty 'completion'" in err and "row 30" in err
+    code = main(["run", str(recipe), f"output_dir={tmp_path / 'o2'}", *ARGS, f"data.path={data}",
+                 "data.max_bad_fraction=0.5", "--max-steps", "1"])
+    assert code == 0
