@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         run_recipe(recipe)
-    except (DataError, CheckpointError, NotImplementedError) as e:
+    except (DataError, CheckpointError, NotImplementedError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0

@@ -51,7 +51,7 @@ class DataSection(Section):
     eval_path: str | None = None
     """Separate held-out file; unset = split off `num_eval` rows of `path`."""
     difficulty: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
-    """Synthetic set: difficulty levels to draw from (1 = one-step arithmetic ... 4 = multi-step)."""
+    """Synthetic set: difficulty levels to draw from (1 = the larger of two numbers ... 7 = sums of fractions)."""
     max_seq_len: int = Field(256, ge=8, le=1_000_000)
     """Longest tokenized sample; longer rows are counted as bad and dropped."""
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
@@ -80,6 +80,10 @@ class TrainerSection(Section):
     """CPUs reserved per trainer worker (Ray sets the worker's OMP threads from this)."""
     num_gpus_per_worker: float = Field(0, ge=0)
     """GPUs per trainer worker."""
+    num_threads: int | None = Field(None, ge=1)
+    """torch threads per trainer worker; unset = its CPUs."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each trainer worker requires (e.g. to place the pool on particular nodes)."""
     max_steps: int = Field(200, ge=1)
     """Optimizer steps (`--max-steps` caps it)."""
     batch_size: int = Field(16, ge=1)
@@ -144,11 +148,18 @@ class RolloutSection(Section):
     """vLLM eager mode; off by default because compiled mode matches the trainer's logprobs to ~1e-6 on CPU."""
     memory_fraction: float = Field(0.3, gt=0.0, le=0.95)
     """vLLM `gpu_memory_utilization` (on CPU: a fraction of the NUMA node's RAM)."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each rollout worker requires (e.g. to place the pool on particular nodes)."""
+    num_threads: int | None = Field(None, ge=1)
+    """Threads of each worker's engine; unset = its CPUs. On one machine where generation and training
+    alternate, giving each pool all cores is faster than splitting them."""
 
 
 class AlgorithmSection(Section):
     loss: Literal["grpo", "dr_grpo", "dapo", "gspo"] = "gspo"
-    """Policy loss, picked by name from the registry (GSPO is the default for MoE)."""
+    """Policy loss and advantage estimator, picked by name: `grpo` (group-normalised advantages, clipped token
+    ratio, per-sequence mean), `dr_grpo` (no std, no length normalisation), `dapo` (token-level mean,
+    clip-higher, dynamic sampling, overlong penalty), `gspo` (sequence-level ratio; the default for MoE)."""
     kl_beta: float = Field(0.0, ge=0.0)
     """KL penalty to the reference model (0 = no reference model)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
@@ -157,10 +168,30 @@ class AlgorithmSection(Section):
     """Lower clip range of the ratio."""
     eps_high: float = Field(0.28, ge=0.0)
     """Upper clip range (DAPO clip-higher; equal to eps_low for symmetric clipping)."""
+    seq_eps_low: float = Field(3e-4, ge=0.0)
+    """GSPO: lower clip range of the sequence-level ratio."""
+    seq_eps_high: float = Field(4e-4, ge=0.0)
+    """GSPO: upper clip range of the sequence-level ratio."""
     tis_cap: float = Field(2.0, ge=1.0)
     """Truncated importance-sampling cap on the trainer/rollout ratio."""
+    minibatches: int = Field(1, ge=1)
+    """Optimizer steps per rollout batch (later ones are off-policy, which is where clipping acts)."""
+    overlong_buffer: int = Field(16, ge=0)
+    """DAPO: the last this-many tokens before `rollout.max_tokens` are penalised linearly down to -1."""
     routing_replay: bool = True
     """Replay the rollout engine's expert routes in the update when the engine returns them."""
+
+
+class SyncSection(Section):
+    transport: Literal["object_store", "nccl"] = "object_store"
+    """Trainer -> rollout weight transport: Ray's shared-memory object store (CPU, any cluster) or NCCL (GPU)."""
+    bucket_mb: float = Field(64, gt=0)
+    """Size of each checksummed weight bucket."""
+    parity_every: int = Field(1, ge=1)
+    """Compare the engine's logprobs with the trainer's on a fixed probe batch every this many syncs."""
+    parity_threshold: float = Field(1e-3, gt=0)
+    """Stop the run when the probe's max |logprob difference| exceeds this (nats). vLLM's compiled CPU mode
+    matches the trainer to ~1e-6; eager mode drifts up to ~0.1, so raise it with `rollout.enforce_eager`."""
 
 
 class RewardTerm(Section):
@@ -223,6 +254,8 @@ class GRPORecipe(StageBase):
     """Loss and estimators."""
     rewards: RewardsSection = Field(default_factory=RewardsSection)
     """Reward terms."""
+    sync: SyncSection = Field(default_factory=SyncSection)
+    """Weight sync and the parity probe."""
 
 
 class TeacherSection(Section):

@@ -20,12 +20,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DSPOST_CACHE", Path.home() / ".cache" / "dspost"))
 
 
+def _source_digest(*modules) -> str:
+    h = hashlib.sha256()
+    for m in modules:
+        h.update(Path(m.__file__).read_bytes())
+    return h.hexdigest()[:12]
+
+
 def tiny_math_init() -> Path:
-    path = cache_dir() / "tiny-math-init"
+    """Random init + tokenizer, keyed by the sources that determine them (generator, preset, tokenizer)."""
+    from dspost.data import synthetic_math
+    from dspost.data.synthetic_math import corpus
+    from dspost.model import DeepseekV3, build_tokenizer, presets, tiny_math, tokenizer as tokenizer_mod
+
+    path = cache_dir() / f"tiny-math-init-{_source_digest(synthetic_math, presets, tokenizer_mod)}"
     if (path / "config.json").is_file():
         return path
-    from dspost.data.synthetic_math import corpus
-    from dspost.model import DeepseekV3, build_tokenizer, tiny_math
 
     args = tiny_math()
     tokenizer = build_tokenizer(corpus(), args.vocab_size)
@@ -37,7 +47,8 @@ def tiny_math_init() -> Path:
 def tiny_math_warm_start(log=print) -> Path:
     if not WARM_START_RECIPE.is_file():
         raise FileNotFoundError(f"{WARM_START_RECIPE}: the warm-start recipe is missing (run from a dspost checkout)")
-    digest = hashlib.sha256(WARM_START_RECIPE.read_bytes()).hexdigest()[:12]
+    init = tiny_math_init()
+    digest = hashlib.sha256(WARM_START_RECIPE.read_bytes() + init.name.encode()).hexdigest()[:12]
     out = cache_dir() / f"tiny-math-sft-{digest}"
     done = out / "checkpoints" / "latest"
     if done.is_file():

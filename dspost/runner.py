@@ -40,7 +40,13 @@ def _sft(stage: BaseModel, run: RunDir, model_path: Path, progress: Progress) ->
     return run_sft(stage, run, model_path, progress)
 
 
-STAGE_RUNNERS: dict[str, Callable[[BaseModel, RunDir, Path, Progress], Path]] = {"sft": _sft}
+def _grpo(stage: BaseModel, run: RunDir, model_path: Path, progress: Progress) -> Path:
+    from dspost.grpo import run_grpo
+
+    return run_grpo(stage, run, model_path, progress)
+
+
+STAGE_RUNNERS: dict[str, Callable[[BaseModel, RunDir, Path, Progress], Path]] = {"sft": _sft, "grpo": _grpo}
 
 
 def run_stage(stage: BaseModel, stage_outputs: dict[str, Path] | None = None, log=print) -> Path:

@@ -7,7 +7,6 @@ run repeats the uninterrupted one exactly."""
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pydantic import BaseModel
 
 from dspost.data.loading import BadRows, Example
 from dspost.rundir import RunDir
+from dspost.training import load_training_state, lr_factor, save_training_checkpoint
 
 
 @dataclass
@@ -65,13 +65,6 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
         out += perm[offset: offset + take]
         pos += take
     return out
-
-
-def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 @torch.no_grad()
@@ -133,10 +126,7 @@ def run_sft(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     if resume_from is not None:
-        state = torch.load(resume_from / "trainer_state.pt", weights_only=False)
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        start_step = state["step"]
+        start_step = load_training_state(resume_from, opt)["step"]
         run.truncate_metrics(start_step)
         run.log.info("resumed from %s at step %d", resume_from, start_step)
 
@@ -185,13 +175,7 @@ def run_sft(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> 
 
 
 def save_checkpoint(run: RunDir, model, tok, opt, step: int) -> Path:
-    from dspost.model.checkpoint import atomic_dir, write_checkpoint
-
-    path = run.checkpoint_path(step)
-    with atomic_dir(path) as tmp:
-        write_checkpoint(model, tmp, tokenizer=tok)
-        torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "step": step},
-                   tmp / "trainer_state.pt")
+    path = save_training_checkpoint(run.checkpoint_path(step), model, tok, opt, step)
     run.mark_latest(step)
     run.log.info("saved %s", path)
     return path

@@ -57,11 +57,14 @@ def _from_hf_prefix(name: str, args: ModelArgs) -> str | None:
     return name
 
 
-def hf_tensors(model: DeepseekV3) -> Iterator[tuple[str, torch.Tensor]]:
-    """(hub name, tensor) for every tensor of the checkpoint; views, no copies (also used by weight sync)."""
+def hf_tensors(model: DeepseekV3, include_mtp: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(hub name, tensor) for every tensor of the checkpoint; views, no copies (also used by weight sync,
+    which leaves out the MTP layers: the rollout engine serves the main stack)."""
     args = model.args
     state = model.state_dict()
     for name, t in state.items():
+        if not include_mtp and name.startswith("model.mtp_layers."):
+            continue
         m = _STACKED_RE.match(name)
         if m:
             prefix = _to_hf_prefix(m[1], args)
@@ -73,7 +76,7 @@ def hf_tensors(model: DeepseekV3) -> Iterator[tuple[str, torch.Tensor]]:
         if name == "lm_head.weight" and args.tie_word_embeddings:
             continue
         yield _to_hf_prefix(name, args), t
-    for k in range(args.num_nextn_predict_layers):
+    for k in range(args.num_nextn_predict_layers if include_mtp else 0):
         for leaf, shared in MTP_SHARED.items():
             yield f"model.layers.{args.num_hidden_layers + k}.{leaf}", state[shared]
 

@@ -1,6 +1,9 @@
 """Rewards: verifiers that return a score with a status (correct, wrong, unparsable, timeout, error)."""
 
 from dspost.rewards.math import extract_answer, verify_math
+from dspost.rewards.pool import ScoringPool, verify_math_batch
+from dspost.rewards.registry import REWARDS, resolve
 from dspost.rewards.verdict import STATUSES, Verdict
 
-__all__ = ["STATUSES", "Verdict", "extract_answer", "verify_math"]
+__all__ = ["REWARDS", "STATUSES", "ScoringPool", "Verdict", "extract_answer", "resolve", "verify_math",
+           "verify_math_batch"]

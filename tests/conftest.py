@@ -48,13 +48,12 @@ def served_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def vllm_engine(served_checkpoint):
-    """One in-process vLLM CPU engine per test session (start-up costs ~30-70 s)."""
+    """One in-process vLLM CPU engine (ours, with the weight-sync extension) per test session: start-up
+    costs ~30-70 s. Tests that change its weights must restore them."""
     pytest.importorskip("vllm")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM
+    from dspost.rollout.engine import VLLMEngine
 
     path, _ = served_checkpoint
-    llm = LLM(model=str(path), skip_tokenizer_init=True, dtype="float32", gpu_memory_utilization=0.3,
-              max_model_len=256, distributed_executor_backend="uni", seed=0)
-    yield llm
-    del llm
+    engine = VLLMEngine(str(path), memory_fraction=0.25, max_model_len=256)
+    yield engine
+    del engine

@@ -16,7 +16,7 @@ def test_vllm_greedy_tokens_and_logprobs_match(vllm_engine, served_checkpoint):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (5, 9, 17, 30)]
     params = SamplingParams(temperature=0.0, max_tokens=16, logprobs=0, detokenize=False)
-    outs = vllm_engine.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    outs = vllm_engine.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     ours = model.generate(prompts, 16)
     diffs = []
     for p, o, ref in zip(prompts, outs, ours):

@@ -1,0 +1,243 @@
+"""GRPO-family RL: vLLM rollout actors and trainer actors on Ray, weights synced after every update.
+
+What one step does, in order: generate `prompts_per_step x n` samples on the rollout pool -> score them
+with the reward terms in worker processes -> group advantages (DAPO: drop all-equal groups, overlong
+penalty) -> one or more optimizer steps on the trainer pool -> publish the new weights in checksummed
+buckets and load them into every engine -> probe: engine vs trainer logprobs on a fixed batch -> every
+`eval_every` steps greedy held-out accuracy on the engines -> every `save_every` steps a checkpoint.
+Deviations from the papers: the "old" policy is the trainer's own logprob before the update, and the
+engine/trainer mismatch is corrected by a truncated importance weight (`algorithm.tis_cap`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from dspost.algorithms import ADVANTAGES, informative_groups, overlong_penalty
+from dspost.data.loading import Example, load_examples
+from dspost.rewards import STATUSES, ScoringPool, resolve
+from dspost.rollout.engine import Sample, SamplingConfig
+from dspost.rundir import RunDir
+from dspost.sft import batch_indices
+from dspost.trainer_worker import RolloutBatch, TrainerWorker
+
+
+class ParityError(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def timed(times: dict[str, float], phase: str):
+    t = time.perf_counter()
+    yield
+    times[f"time/{phase}"] = time.perf_counter() - t
+
+
+def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> Path:
+    r, t, a = recipe.rollout, recipe.trainer, recipe.algorithm
+    train, held_out, _ = load_examples(recipe.data)
+    ray, own_ray = start_ray(recipe.ray)
+    resume_from = run.latest_checkpoint() if recipe.resume else None
+    start = int(resume_from.name.split("_")[1]) if resume_from else 0
+    serve_from = str(resume_from or model_path)
+    pool, trainers = start_pools(recipe, serve_from, str(model_path), str(resume_from) if resume_from else None)
+    run.log.info("placement: %s", placement(pool, trainers))
+    tok = pool_tokenizer(model_path)
+    prompts = [prompt_ids(tok, ex) for ex in train]
+    eval_prompts = [prompt_ids(tok, ex) for ex in held_out]
+    probe = [prompt_ids(tok, ex) + tok(ex.messages[-1]["content"])["input_ids"] for ex in held_out[:4]]
+    terms = [(resolve(term.name), term.weight, term.name) for term in recipe.rewards.terms]
+    sampling = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, stop=r.stop)
+    greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=r.max_tokens, stop=r.stop)
+    run.log.info("routing replay: %s", "on" if a.routing_replay and pool.returns_routes() else
+                 "off (the engine cannot return routed experts on this backend)")
+    final = resume_from
+    with ScoringPool(recipe.rewards.num_workers) as scorer:
+        parity = check_parity(pool, trainers[0], probe, recipe.sync.parity_threshold)
+        if start == 0:
+            acc = evaluate(pool, scorer, eval_prompts, held_out, greedy, terms, recipe.rewards.timeout, t.seed)
+            run.log_metrics(0, {"eval/accuracy": acc, **parity})
+        for step in range(start, t.max_steps):
+            times: dict[str, float] = {}
+            with timed(times, "generate"):
+                idx = batch_indices(len(prompts), r.prompts_per_step, step, t.seed)
+                samples = pool.generate([prompts[i] for i in idx], sampling, seed=t.seed * 1_000_003 + step * 10_007)
+            with timed(times, "score"):
+                rewards, reward_metrics = score(scorer, samples, [train[idx[s.prompt_index]] for s in samples],
+                                                terms, recipe.rewards.timeout)
+            with timed(times, "advantages"):
+                adv, keep = advantages(a, rewards, samples, r)
+            with timed(times, "update"):
+                train_metrics = update(trainers, samples, adv, keep)
+            with timed(times, "sync"):
+                sync_seconds = sync(pool, trainers, recipe.sync, step + 1)
+                if (step + 1) % recipe.sync.parity_every == 0:
+                    parity = check_parity(pool, trainers[0], probe, recipe.sync.parity_threshold)
+            n = step + 1
+            metrics = {**reward_metrics, **train_metrics, **parity, **times, "sync/seconds": sync_seconds,
+                       "response/length_mean": sum(len(s.response_ids) for s in samples) / len(samples),
+                       "perf/rollout_tokens_per_s": sum(len(s.response_ids) for s in samples) / times["time/generate"],
+                       "perf/train_tokens_per_s": train_metrics.get("train/tokens", 0) / times["time/update"],
+                       "data/kept_fraction": float(keep.float().mean())}
+            if n % t.eval_every == 0 or n == t.max_steps:
+                with timed(times, "eval"):
+                    metrics["eval/accuracy"] = evaluate(pool, scorer, eval_prompts, held_out, greedy, terms,
+                                                        recipe.rewards.timeout, t.seed)
+            if n % t.save_every == 0 or n == t.max_steps:
+                with timed(times, "save"):
+                    final = save(run, trainers, n)
+            metrics.update(times)
+            metrics["time/step"] = sum(v for k, v in times.items() if k.startswith("time/"))
+            run.log_metrics(n, metrics)
+            if progress is not None:
+                progress(n, t.max_steps, metrics)
+    pool.shutdown()
+    if own_ray:
+        ray.shutdown()
+    return final
+
+
+# ------------------------------------------------------------------------------------------ setup
+def start_ray(cfg: BaseModel):
+    import ray
+
+    if ray.is_initialized():  # a caller (or a test) already connected us
+        return ray, False
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    return ray, True
+
+
+def start_pools(recipe: BaseModel, serve_from: str, base_model: str, resume_from: str | None):
+    import ray
+
+    from dspost.rollout.pool import RolloutPool, WorkerSpec
+
+    r, t = recipe.rollout, recipe.trainer
+    engine_kwargs = {"dtype": recipe.model.dtype, "memory_fraction": r.memory_fraction,
+                     "max_model_len": recipe.data.max_seq_len + r.max_tokens, "enforce_eager": r.enforce_eager,
+                     "seed": t.seed}
+    pool = RolloutPool(r.num_workers, serve_from,
+                       WorkerSpec(r.num_cpus_per_worker, r.num_gpus_per_worker, r.num_threads, r.resources), engine_kwargs)
+    cfg = {"trainer": recipe.trainer.model_dump(), "algorithm": recipe.algorithm.model_dump(),
+           "model": recipe.model.model_dump()}
+    env = {"OMP_NUM_THREADS": str(t.num_threads)} if t.num_threads else {}
+    actor = ray.remote(TrainerWorker).options(num_cpus=t.num_cpus_per_worker, num_gpus=t.num_gpus_per_worker,
+                                              resources=t.resources or None, runtime_env={"env_vars": env})
+    url = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}" if t.num_workers > 1 else None
+    trainers = [actor.remote(base_model, cfg, rank, t.num_workers, url, resume_from) for rank in range(t.num_workers)]
+    ray.get([w.ready.remote() for w in trainers])
+    return pool, trainers
+
+
+def placement(pool, trainers) -> str:
+    import ray
+
+    nodes = [f"rollout[{i}]@{n}" for i, n in enumerate(pool.nodes())]
+    nodes += [f"trainer[{i}]@{n}" for i, n in enumerate(ray.get([w.node.remote() for w in trainers]))]
+    return " ".join(nodes)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def pool_tokenizer(path: Path):
+    from dspost.model import load_tokenizer
+
+    return load_tokenizer(str(path))
+
+
+def prompt_ids(tok, ex: Example) -> list[int]:
+    return list(tok.apply_chat_template(ex.messages[:-1], tokenize=True, add_generation_prompt=True,
+                                        return_dict=True)["input_ids"])
+
+
+# ----------------------------------------------------------------------------------------- phases
+def score(scorer: ScoringPool, samples: list[Sample], examples: list[Example], terms, timeout: float):
+    rewards = torch.zeros(len(samples))
+    metrics: dict[str, float] = {}
+    for target, weight, name in terms:
+        verdicts = scorer.map(target, [(s.text, {"answer": ex.answer}) for s, ex in zip(samples, examples)], timeout)
+        rewards += weight * torch.tensor([v.score for v in verdicts])
+        for status in STATUSES:
+            metrics[f"reward/{name}/{status}"] = sum(v.status == status for v in verdicts)
+        metrics[f"reward/{name}/mean"] = sum(v.score for v in verdicts) / len(verdicts)
+    metrics["reward/mean"], metrics["reward/std"] = float(rewards.mean()), float(rewards.std())
+    if "reward/math/correct" in metrics:
+        metrics["accuracy"] = metrics["reward/math/correct"] / len(samples)
+    return rewards, metrics
+
+
+def advantages(a: BaseModel, rewards: torch.Tensor, samples: list[Sample], r: BaseModel):
+    keep = torch.ones(len(samples), dtype=torch.bool)
+    if a.loss == "dapo":
+        lengths = torch.tensor([float(len(s.response_ids)) for s in samples])
+        rewards = rewards + overlong_penalty(lengths, r.max_tokens, a.overlong_buffer)
+        keep = informative_groups(rewards, r.n)
+    return ADVANTAGES[a.loss](rewards, r.n), keep
+
+
+def update(trainers: list, samples: list[Sample], adv: torch.Tensor, keep: torch.Tensor) -> dict[str, float]:
+    import ray
+
+    chosen = [i for i in range(len(samples)) if keep[i]]
+    if not chosen:
+        return {"train/skipped": 1.0}
+    shards = [chosen[k::len(trainers)] for k in range(len(trainers))]
+    refs = [w.train_step.remote(RolloutBatch([samples[i].prompt_ids for i in sh], [samples[i].response_ids for i in sh],
+                                             [samples[i].logprobs for i in sh], [float(adv[i]) for i in sh]))
+            for w, sh in zip(trainers, shards)]
+    results = ray.get(refs)
+    return {k: sum(m[k] for m in results) / len(results) for k in results[0]}
+
+
+def sync(pool, trainers: list, cfg: BaseModel, version: int) -> float:
+    import ray
+
+    t = time.perf_counter()
+    refs = ray.get(trainers[0].publish_weights.remote(cfg.transport, int(cfg.bucket_mb * 2**20)))
+    pool.sync(refs, version)
+    return time.perf_counter() - t
+
+
+def check_parity(pool, trainer, probe: list[list[int]], threshold: float) -> dict[str, float]:
+    """Engine vs trainer logprobs on a fixed batch: a sync that did not move the weights shows up here."""
+    import ray
+
+    engine = pool.sequence_logprobs(probe)
+    ours = ray.get(trainer.sequence_logprobs.remote(probe))
+    diffs = torch.cat([(torch.tensor(e) - torch.tensor(o)).abs() for e, o in zip(engine, ours)])
+    mean, mx = float(diffs.mean()), float(diffs.max())
+    if mx > threshold:
+        raise ParityError(f"sync parity: engine and trainer logprobs differ by up to {mx:.3g} nats (mean {mean:.3g}) "
+                          f"> sync.parity_threshold={threshold}: the rollout engine is not serving the trainer's weights")
+    return {"sync/parity_mean_abs": mean, "sync/parity_max_abs": mx}
+
+
+def evaluate(pool, scorer, prompts, examples, greedy, terms, timeout, seed) -> float:
+    samples = pool.generate(prompts, greedy, seed=seed)
+    math_target = next((tg for tg, _, name in terms if name == "math"), resolve("math"))
+    verdicts = scorer.map(math_target, [(s.text, {"answer": examples[s.prompt_index].answer}) for s in samples], timeout)
+    return sum(v.status == "correct" for v in verdicts) / len(verdicts)
+
+
+def save(run: RunDir, trainers: list, step: int) -> Path:
+    import ray
+
+    path = run.checkpoint_path(step)
+    ray.get(trainers[0].save.remote(str(path), step))
+    run.mark_latest(step)
+    return path

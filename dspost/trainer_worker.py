@@ -1,0 +1,164 @@
+"""The trainer pool: Ray actors holding the policy (and the reference model when kl_beta > 0), one
+torch.distributed group (gloo on CPU, nccl on GPU), data-parallel by averaging gradients after backward."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dspost.algorithms import LossInputs, policy_loss
+from dspost.training import load_training_state, lr_factor, save_training_checkpoint
+
+
+@dataclass
+class RolloutBatch:
+    """One rank's share of a step: token ids, the engine's logprobs, advantages."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    rollout_logprobs: list[list[float]]
+    advantages: list[float]
+    routes: list | None = None
+
+
+def pack(batch: RolloutBatch, pad_id: int) -> dict[str, torch.Tensor]:
+    """[B, L] ids of prompt+response, and [B, L-1] tensors aligned with next-token positions."""
+    seqs = [p + r for p, r in zip(batch.prompt_ids, batch.response_ids)]
+    L = max(len(s) for s in seqs)
+    B = len(seqs)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, L - 1)
+    rollout_lp = torch.zeros(B, L - 1)
+    for i, (p, r, lp) in enumerate(zip(batch.prompt_ids, batch.response_ids, batch.rollout_logprobs)):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        # response token j sits at position len(p)+j and is predicted from position len(p)+j-1
+        mask[i, len(p) - 1: len(p) - 1 + len(r)] = 1
+        rollout_lp[i, len(p) - 1: len(p) - 1 + len(r)] = torch.tensor(lp, dtype=torch.float32)
+    return {"ids": ids, "mask": mask, "rollout_lp": rollout_lp, "adv": torch.tensor(batch.advantages)}
+
+
+def token_logprobs(model, ids: torch.Tensor, routes=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position logprob of the next token [B, L-1], and the logits' entropy [B, L-1]."""
+    logits = model(ids, routes=routes).logits[:, :-1].float()
+    logp_all = logits.log_softmax(-1)
+    lp = logp_all.gather(-1, ids[:, 1:, None])[..., 0]
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return lp, entropy
+
+
+class TrainerWorker:
+    def __init__(self, model_path: str, cfg: dict, rank: int = 0, world: int = 1, dist_url: str | None = None,
+                 resume_from: str | None = None):
+        from types import SimpleNamespace
+
+        from dspost.model import from_pretrained, load_tokenizer
+
+        self.trainer = SimpleNamespace(**cfg["trainer"])
+        self.algo = SimpleNamespace(**cfg["algorithm"])
+        self.model_cfg = SimpleNamespace(**cfg["model"])
+        if self.trainer.num_threads:
+            torch.set_num_threads(self.trainer.num_threads)
+        torch.manual_seed(self.trainer.seed + rank)
+        self.rank, self.world = rank, world
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=dist_url,
+                                    rank=rank, world_size=world)
+        dtype = torch.bfloat16 if self.model_cfg.dtype == "bfloat16" else torch.float32
+        self.model = from_pretrained(resume_from or model_path, dtype=dtype).train()
+        self.tokenizer = load_tokenizer(model_path)
+        self.ref = from_pretrained(model_path, dtype=dtype).eval() if self.algo.kl_beta > 0 else None
+        t = self.trainer
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        # `step` counts optimizer steps (minibatches per rollout batch), which the LR schedule follows.
+        self.step = load_training_state(Path(resume_from), self.opt)["opt_steps"] if resume_from else 0
+
+    def ready(self) -> int:
+        return self.step
+
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
+        t0 = time.perf_counter()
+        t, a = self.trainer, self.algo
+        x = pack(batch, self.tokenizer.pad_token_id)
+        routes = None  # routing replay needs the engine's routes, which the CPU engine cannot return
+        with torch.no_grad():
+            self.model.eval()
+            old_lp, entropy = token_logprobs(self.model, x["ids"], routes)
+            ref_lp = token_logprobs(self.ref, x["ids"])[0] if self.ref is not None else None
+            self.model.train()
+        B = x["ids"].shape[0]
+        metrics: dict[str, float] = {"entropy": float((entropy * x["mask"]).sum() / x["mask"].sum()),
+                                     "train/rollout_logprob_diff": float(((old_lp - x["rollout_lp"]).abs() * x["mask"]).sum() / x["mask"].sum())}
+        sums: dict[str, float] = {}
+        for mb in torch.arange(B).chunk(a.minibatches):
+            for g in self.opt.param_groups:
+                g["lr"] = t.lr * lr_factor(self.step, t.warmup_steps, t.max_steps * a.minibatches, t.min_lr_ratio)
+            for micro in mb.chunk(t.grad_accum):
+                lp, _ = token_logprobs(self.model, x["ids"][micro])
+                inputs = LossInputs(lp, old_lp[micro], x["rollout_lp"][micro], x["adv"][micro], x["mask"][micro],
+                                    ref_lp[micro] if ref_lp is not None else None)
+                loss, m = policy_loss(inputs, a)
+                (loss * len(micro) / len(mb)).backward()
+                for k, v in {"loss": float(loss), **m}.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(micro) / B
+            self._all_reduce_grads()
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)) / a.minibatches
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.model.update_router_biases(self.model_cfg.bias_update_speed)
+            self.step += 1
+        load = self.model.expert_load()
+        if load.numel():
+            metrics["moe/load_max_min_ratio"] = float((load.max(1).values / load.min(1).values.clamp(min=1)).max())
+        metrics.update({f"train/{k}": v for k, v in sums.items()})
+        metrics["train/tokens"] = float(x["mask"].sum())
+        metrics["train/seconds"] = time.perf_counter() - t0
+        return metrics
+
+    def _all_reduce_grads(self) -> None:
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.model.parameters()]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p, g in zip(self.model.parameters(), grads):
+            p.grad = flat[offset: offset + g.numel()].view_as(p).clone()
+            offset += g.numel()
+
+    def publish_weights(self, transport: str, bucket_bytes: int) -> list:
+        """Put the current weights (HF names, main stack only: vLLM serves no MTP here) into buckets."""
+        from dspost.model import hf_tensors
+        from dspost.rollout.sync import TRANSPORTS
+
+        return TRANSPORTS[transport](bucket_bytes).publish(hf_tensors(self.model, include_mtp=False))
+
+    @torch.no_grad()
+    def sequence_logprobs(self, seqs: list[list[int]]) -> list[list[float]]:
+        self.model.eval()
+        out = []
+        for s in seqs:
+            lp, _ = token_logprobs(self.model, torch.tensor([s]))
+            out.append(lp[0].tolist())
+        self.model.train()
+        return out
+
+    def save(self, path: str, step: int) -> str:
+        if self.rank == 0:
+            save_training_checkpoint(Path(path), self.model, self.tokenizer, self.opt, step, {"opt_steps": self.step})
+        return path
+

@@ -1,0 +1,34 @@
+"""Pieces every trainer shares: the LR schedule and the training checkpoint (model + optimizer + RNG)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """Linear warm-up to 1, then cosine down to `floor`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def save_training_checkpoint(path: Path, model, tokenizer, optimizer, step: int, extra: dict | None = None) -> Path:
+    """HF-layout model + tokenizer + `trainer_state.pt`, written atomically into `path`."""
+    from dspost.model.checkpoint import atomic_dir, write_checkpoint
+
+    with atomic_dir(path) as tmp:
+        write_checkpoint(model, tmp, tokenizer=tokenizer)
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
+                    **(extra or {})}, tmp / "trainer_state.pt")
+    return path
+
+
+def load_training_state(path: Path, optimizer) -> dict:
+    state = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return state

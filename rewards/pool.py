@@ -1,0 +1,132 @@
+"""Score in worker processes with a hard wall-clock and memory limit per item.
+
+Not threads and not `signal.alarm` (neither can stop sympy stuck in C code, and alarm only works on the
+main thread): each item goes to a worker process; a worker past its deadline is killed and replaced, and
+the item comes back as a `timeout` verdict. A worker that dies (memory limit, crash) yields an `error`
+verdict. The caller always gets one verdict per item, in order, within about `timeout` per item.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import resource
+import time
+from collections import deque
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from dspost.rewards.verdict import Verdict
+
+
+def _worker(conn: Connection, memory_bytes: int | None) -> None:
+    if memory_bytes:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    cache: dict[str, Any] = {}
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        target, args, kwargs = task
+        try:
+            if target not in cache:
+                module, _, name = target.partition(":")
+                cache[target] = getattr(importlib.import_module(module), name)
+            result = cache[target](*args, **kwargs)
+        except MemoryError:
+            result = Verdict(0.0, "error", None, "memory limit exceeded")
+        except Exception as e:  # noqa: BLE001 - the scorer's failure is reported, never raised into the pool
+            result = Verdict(0.0, "error", None, f"{type(e).__name__}: {e}")
+        conn.send(result)
+
+
+class ScoringPool:
+    """A fixed number of worker processes; `map` runs `module:function` over argument tuples."""
+
+    def __init__(self, workers: int = 2, memory_mb: int | None = 2048):
+        self.n = workers
+        self.memory = memory_mb * 2**20 if memory_mb else None
+        # forkserver: workers start from a clean process, not a copy of a driver holding models and threads.
+        self.ctx = mp.get_context("forkserver")
+        self.procs: list[tuple[mp.Process, Connection] | None] = [None] * workers
+        self.restarts = 0
+
+    def _spawn(self, i: int) -> tuple[mp.Process, Connection]:
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_worker, args=(child, self.memory), daemon=True)
+        proc.start()
+        child.close()
+        self.procs[i] = (proc, parent)
+        return self.procs[i]
+
+    def _kill(self, i: int) -> None:
+        proc, conn = self.procs[i]
+        proc.kill()
+        proc.join(5)
+        conn.close()
+        self.procs[i] = None
+        self.restarts += 1
+
+    def map(self, target: str, items: list[tuple], timeout: float, kwargs: dict | None = None) -> list[Verdict]:
+        results: list[Verdict | None] = [None] * len(items)
+        todo = deque(range(len(items)))
+        busy: dict[int, tuple[int, float]] = {}  # worker -> (item, deadline)
+        while todo or busy:
+            for i in range(self.n):
+                if i not in busy and todo:
+                    proc, conn = self.procs[i] or self._spawn(i)
+                    item = todo.popleft()
+                    conn.send((target, items[item], kwargs or {}))
+                    busy[i] = (item, time.monotonic() + timeout)
+            conns = {self.procs[i][1]: i for i in busy}
+            next_deadline = min(d for _, d in busy.values())
+            for conn in wait(list(conns), timeout=max(next_deadline - time.monotonic(), 0)):
+                i = conns[conn]
+                item, _ = busy.pop(i)
+                try:
+                    results[item] = conn.recv()
+                except (EOFError, OSError):  # the worker died: memory limit, crash, or a killed child
+                    results[item] = Verdict(0.0, "error", None, "scoring worker died")
+                    self._kill(i)
+            now = time.monotonic()
+            for i, (item, deadline) in list(busy.items()):
+                if now >= deadline:
+                    results[item] = Verdict(0.0, "timeout", None, f"no answer within {timeout:g}s")
+                    busy.pop(i)
+                    self._kill(i)
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for i, slot in enumerate(self.procs):
+            if slot is not None:
+                proc, conn = slot
+                try:
+                    conn.send(None)
+                except OSError:
+                    pass
+                proc.join(1)
+                if proc.is_alive():
+                    proc.kill()
+                self.procs[i] = None
+
+    def __enter__(self) -> "ScoringPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+
+def verify_math_batch(pairs: list[tuple[str, str]], timeout: float = 5.0, workers: int = 2,
+                      pool: ScoringPool | None = None, **options) -> list[Verdict]:
+    """Grade (response, gold) pairs in worker processes, each within `timeout` seconds; verdicts in order."""
+    own = pool is None
+    pool = pool or ScoringPool(workers)
+    try:
+        return pool.map("dspost.rewards.math:verify_math", [tuple(p) for p in pairs], timeout, options)
+    finally:
+        if own:
+            pool.close()
