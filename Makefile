@@ -6,10 +6,9 @@ PYTEST_ARGS ?=
 setup:
 	@bash scripts/setup.sh
 
-# The main job on its embedded default. Until the GRPO stage lands this runs the closest working
-# stage: the tiny-math SFT warm start that GRPO starts from.
+# The main job on its embedded default: GRPO on the tiny-math model (local Ray, CPU vLLM).
 run: setup
-	$(VENV)/bin/dspost run recipes/sft_tiny_math.yaml
+	$(VENV)/bin/dspost run recipes/grpo_math.yaml
 
 test: setup
 	$(VENV)/bin/python -m pytest -q -ra $(PYTEST_ARGS) tests

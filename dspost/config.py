@@ -148,11 +148,19 @@ class RolloutSection(Section):
     """vLLM eager mode; off by default because compiled mode matches the trainer's logprobs to ~1e-6 on CPU."""
     memory_fraction: float = Field(0.3, gt=0.0, le=0.95)
     """vLLM `gpu_memory_utilization` (on CPU: a fraction of the NUMA node's RAM)."""
+    kv_cache_gb: float | None = Field(None, gt=0)
+    """CPU engines: a fixed KV-cache size in GiB instead of `memory_fraction`."""
     resources: dict[str, float] = Field(default_factory=dict)
     """Custom Ray resources each rollout worker requires (e.g. to place the pool on particular nodes)."""
     num_threads: int | None = Field(None, ge=1)
     """Threads of each worker's engine; unset = its CPUs. On one machine where generation and training
     alternate, giving each pool all cores is faster than splitting them."""
+
+    @model_validator(mode="after")
+    def _group_needs_sampling(self) -> "RolloutSection":
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"n={self.n} samples per prompt need temperature > 0 (greedy gives n copies)")
+        return self
 
 
 class AlgorithmSection(Section):

@@ -126,7 +126,7 @@ def start_pools(recipe: BaseModel, serve_from: str, base_model: str, resume_from
     r, t = recipe.rollout, recipe.trainer
     engine_kwargs = {"dtype": recipe.model.dtype, "memory_fraction": r.memory_fraction,
                      "max_model_len": recipe.data.max_seq_len + r.max_tokens, "enforce_eager": r.enforce_eager,
-                     "seed": t.seed}
+                     "seed": t.seed, "kv_cache_gb": r.kv_cache_gb}
     pool = RolloutPool(r.num_workers, serve_from,
                        WorkerSpec(r.num_cpus_per_worker, r.num_gpus_per_worker, r.num_threads, r.resources), engine_kwargs)
     cfg = {"trainer": recipe.trainer.model_dump(), "algorithm": recipe.algorithm.model_dump(),

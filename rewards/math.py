@@ -293,7 +293,7 @@ def _interval(s: str):
         if p[:1] not in "([" or p[-1:] not in ")]":
             raise ValueError(f"not an interval: {p}")
         lo, hi = _split_top(p[1:-1])
-        lo, hi = (sympy.nsimplify(to_sympy(x.replace("\\infty", "oo")), rational=True) for x in (lo, hi))
+        lo, hi = (sympy.nsimplify(to_sympy(x.replace("\\infty", "oo")).doit(), rational=True) for x in (lo, hi))
         out = out | sympy.Interval(lo, hi, left_open=p[0] == "(", right_open=p[-1] == ")")
     return out
 

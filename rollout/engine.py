@@ -32,10 +32,14 @@ class VLLMEngine:
     """vLLM's `LLM` in this process (so weight updates reach it by reference), with the sync extension."""
 
     def __init__(self, path: str, dtype: str = "float32", memory_fraction: float = 0.3, max_model_len: int = 1024,
-                 enforce_eager: bool = False, seed: int = 0):
+                 enforce_eager: bool = False, seed: int = 0, kv_cache_gb: float | None = None):
         # In-process engine core: weight updates pass tensors by reference (a separate engine process cannot
         # receive them through collective_rpc: "cannot pickle memoryview objects").
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if kv_cache_gb is not None:
+            # CPU backend: a fixed KV-cache size instead of a fraction of the NUMA node's memory, whose
+            # check counts every other engine in the process as used.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{kv_cache_gb:g}"
         from vllm import LLM
 
         from dspost.model import check_vllm_servable

@@ -12,7 +12,7 @@ from dspost.rundir import read_metrics
 pytestmark = pytest.mark.vllm
 
 SMALL = ["data.num_train=64", "data.num_eval=8", "data.difficulty=[1]", "rollout.prompts_per_step=4", "rollout.n=4",
-         "rollout.max_tokens=16", "rollout.memory_fraction=0.15", "trainer.eval_every=2", "trainer.save_every=1",
+         "rollout.max_tokens=16", "rollout.kv_cache_gb=1", "trainer.eval_every=2", "trainer.save_every=1",
          "trainer.lr=1e-4", "rollout.resources={rollout_node: 1}", "trainer.resources={trainer_node: 1}"]
 
 
@@ -76,12 +76,12 @@ def test_killed_rollout_worker_is_restarted_and_its_batch_rerun(cluster, policy)
     from dspost.rollout.sync import ObjectStoreTransport
 
     pool = RolloutPool(1, str(policy), WorkerSpec(1, 0, None, {"rollout_node": 1}),
-                       {"memory_fraction": 0.15, "max_model_len": 128})
+                       {"kv_cache_gb": 1, "max_model_len": 128})
     try:
         model = from_pretrained(policy)
         named = list(hf_tensors(model, include_mtp=False))
         pool.sync(ObjectStoreTransport(1 << 20).publish(named), version=5)
-        sampling = SamplingConfig(n=2, temperature=0.0, max_tokens=8)
+        sampling = SamplingConfig(n=1, temperature=0.0, max_tokens=8)
         prompts = [[5, 6, 7], [8, 9]]
         before = pool.generate(prompts, sampling, seed=0)
         ray.kill(pool.workers[0])
