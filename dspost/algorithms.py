@@ -137,5 +137,5 @@ def policy_loss(x: LossInputs, cfg) -> tuple[Tensor, dict[str, float]]:
     if cfg.kl_beta > 0 and x.ref_logprobs is not None:
         kl = _masked_mean(KL_ESTIMATORS[cfg.kl_estimator](x.logprobs, x.ref_logprobs), x.mask)
         loss = loss + cfg.kl_beta * kl
-        metrics["kl"] = float(kl)
+        metrics["kl"] = float(kl.detach())
     return loss, metrics
