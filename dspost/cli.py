@@ -1,4 +1,4 @@
-"""`dspost` command line: run, doctor, plot.
+"""`dspost` command line: run, doctor, plot, merge-lora.
 
 Bad input exits with code 2 and one line on stderr naming the field or path; nothing is started."""
 
@@ -30,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="write PNG curves of a run's metrics",
                           description="Write RUN_DIR/plots/*.png from RUN_DIR/metrics.jsonl.")
     plot.add_argument("run_dir", help="a run directory")
+
+    merge = sub.add_parser("merge-lora", help="fold a PEFT LoRA adapter into its base model",
+                           description="Write a full checkpoint: base model + adapter, merged.")
+    merge.add_argument("adapter", help="adapter directory (PEFT format, e.g. RUN/checkpoints/step_N)")
+    merge.add_argument("output", help="directory for the merged checkpoint (written atomically)")
+    merge.add_argument("--base", default=None, help="base model directory (default: the adapter's base_model_name_or_path)")
     return p
 
 
@@ -79,7 +85,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "doctor": cmd_doctor, "plot": cmd_plot}
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    from dspost.lora import merge_lora
+
+    try:
+        print(merge_lora(args.adapter, args.output, args.base))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "doctor": cmd_doctor, "plot": cmd_plot, "merge-lora": cmd_merge_lora}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,7 +70,14 @@ class LoraSection(Section):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
     )
-    """Module names to adapt; the router gate is excluded unless named."""
+    """Linear modules to adapt (PEFT `target_modules`); the router gate (`mlp.gate`) is never adapted unless
+    named. Shared experts and dense MLPs are `shared_experts.gate_proj`, `mlp.up_proj`, ...: such adapters
+    train, save and merge here, but PEFT on transformers >= 5 remaps any `*gate_proj`/`*up_proj`/`*down_proj`
+    target onto the fused routed experts when loading into `DeepseekV3ForCausalLM`, so use the merged
+    checkpoint there. For other transformers models, name their modules (e.g. `q_proj`, `v_proj`)."""
+    routed_experts: bool = False
+    """Also adapt the stacked routed-expert weights (PEFT `target_parameters`): refused for now, because
+    such adapters do not reload through PEFT 0.21."""
 
 
 class TrainerSection(Section):
@@ -190,6 +197,22 @@ class AlgorithmSection(Section):
     """Replay the rollout engine's expert routes in the update when the engine returns them."""
 
 
+class EvalSection(Section):
+    temperature: float = Field(0.0, ge=0.0)
+    """Held-out decoding temperature; 0 is greedy. With sampling, `eval/accuracy` is the mean correctness
+    over `n` samples per problem (DeepSeek-R1's pass@1) and greedy accuracy is logged beside it."""
+    n: int = Field(1, ge=1)
+    """Samples per held-out problem."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling for evaluation."""
+
+    @model_validator(mode="after")
+    def _samples_need_sampling(self) -> "EvalSection":
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"n={self.n} samples per problem need temperature > 0 (greedy gives n copies)")
+        return self
+
+
 class SyncSection(Section):
     transport: Literal["object_store", "nccl"] = "object_store"
     """Trainer -> rollout weight transport: Ray's shared-memory object store (CPU, any cluster) or NCCL (GPU)."""
@@ -264,6 +287,8 @@ class GRPORecipe(StageBase):
     """Reward terms."""
     sync: SyncSection = Field(default_factory=SyncSection)
     """Weight sync and the parity probe."""
+    eval: EvalSection = Field(default_factory=EvalSection)
+    """Held-out evaluation every `trainer.eval_every` steps."""
 
 
 class TeacherSection(Section):

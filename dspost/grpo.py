@@ -4,7 +4,7 @@ What one step does, in order: generate `prompts_per_step x n` samples on the rol
 with the reward terms in worker processes -> group advantages (DAPO: drop all-equal groups, overlong
 penalty) -> one or more optimizer steps on the trainer pool -> publish the new weights in checksummed
 buckets and load them into every engine -> probe: engine vs trainer logprobs on a fixed batch -> every
-`eval_every` steps greedy held-out accuracy on the engines -> every `save_every` steps a checkpoint.
+`eval_every` steps held-out accuracy on the engines -> every `save_every` steps a checkpoint.
 Deviations from the papers: the "old" policy is the trainer's own logprob before the update, and the
 engine/trainer mismatch is corrected by a truncated importance weight (`algorithm.tis_cap`).
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from dspost.rewards import STATUSES, ScoringPool, resolve
 from dspost.rollout.engine import Sample, SamplingConfig
 from dspost.rundir import RunDir
 from dspost.sft import batch_indices
-from dspost.trainer_worker import RolloutBatch, TrainerWorker
+from dspost.trainer_worker import RolloutBatch, TrainerWorker, free_port
 
 
 class ParityError(RuntimeError):
@@ -55,15 +54,15 @@ def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) ->
     probe = [prompt_ids(tok, ex) + tok(ex.messages[-1]["content"])["input_ids"] for ex in held_out[:4]]
     terms = [(resolve(term.name), term.weight, term.name) for term in recipe.rewards.terms]
     sampling = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, stop=r.stop)
-    greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=r.max_tokens, stop=r.stop)
+    decodings = eval_decodings(recipe.eval, r)
     run.log.info("routing replay: %s", "on" if a.routing_replay and pool.returns_routes() else
                  "off (the engine cannot return routed experts on this backend)")
     final = resume_from
     with ScoringPool(recipe.rewards.num_workers) as scorer:
         parity = check_parity(pool, trainers[0], probe, recipe.sync.parity_threshold)
         if start == 0:
-            acc = evaluate(pool, scorer, eval_prompts, held_out, greedy, terms, recipe.rewards.timeout, t.seed)
-            run.log_metrics(0, {"eval/accuracy": acc, **parity})
+            acc = evaluate(pool, scorer, eval_prompts, held_out, decodings, terms, recipe.rewards.timeout, t.seed)
+            run.log_metrics(0, {**acc, **parity})
         for step in range(start, t.max_steps):
             times: dict[str, float] = {}
             with timed(times, "generate"):
@@ -88,8 +87,8 @@ def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) ->
                        "data/kept_fraction": float(keep.float().mean())}
             if n % t.eval_every == 0 or n == t.max_steps:
                 with timed(times, "eval"):
-                    metrics["eval/accuracy"] = evaluate(pool, scorer, eval_prompts, held_out, greedy, terms,
-                                                        recipe.rewards.timeout, t.seed)
+                    metrics.update(evaluate(pool, scorer, eval_prompts, held_out, decodings, terms,
+                                            recipe.rewards.timeout, t.seed))
             if n % t.save_every == 0 or n == t.max_steps:
                 with timed(times, "save"):
                     final = save(run, trainers, n)
@@ -126,7 +125,8 @@ def start_pools(recipe: BaseModel, serve_from: str, base_model: str, resume_from
     r, t = recipe.rollout, recipe.trainer
     engine_kwargs = {"dtype": recipe.model.dtype, "memory_fraction": r.memory_fraction,
                      "max_model_len": recipe.data.max_seq_len + r.max_tokens, "enforce_eager": r.enforce_eager,
-                     "seed": t.seed, "kv_cache_gb": r.kv_cache_gb}
+                     "seed": t.seed, "kv_cache_gb": r.kv_cache_gb,
+                     "weight_transfer": "nccl" if recipe.sync.transport == "nccl" else None}
     pool = RolloutPool(r.num_workers, serve_from,
                        WorkerSpec(r.num_cpus_per_worker, r.num_gpus_per_worker, r.num_threads, r.resources), engine_kwargs)
     cfg = {"trainer": recipe.trainer.model_dump(), "algorithm": recipe.algorithm.model_dump(),
@@ -134,9 +134,11 @@ def start_pools(recipe: BaseModel, serve_from: str, base_model: str, resume_from
     env = {"OMP_NUM_THREADS": str(t.num_threads)} if t.num_threads else {}
     actor = ray.remote(TrainerWorker).options(num_cpus=t.num_cpus_per_worker, num_gpus=t.num_gpus_per_worker,
                                               resources=t.resources or None, runtime_env={"env_vars": env})
-    url = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}" if t.num_workers > 1 else None
+    url = f"tcp://{ray.util.get_node_ip_address()}:{free_port()}" if t.num_workers > 1 else None
     trainers = [actor.remote(base_model, cfg, rank, t.num_workers, url, resume_from) for rank in range(t.num_workers)]
     ray.get([w.ready.remote() for w in trainers])
+    if recipe.sync.transport == "nccl":
+        ray.get(trainers[0].connect_weight_transfer.remote(pool.workers, int(recipe.sync.bucket_mb * 2**20)))
     return pool, trainers
 
 
@@ -146,12 +148,6 @@ def placement(pool, trainers) -> str:
     nodes = [f"rollout[{i}]@{n}" for i, n in enumerate(pool.nodes())]
     nodes += [f"trainer[{i}]@{n}" for i, n in enumerate(ray.get([w.node.remote() for w in trainers]))]
     return " ".join(nodes)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def pool_tokenizer(path: Path):
@@ -227,11 +223,27 @@ def check_parity(pool, trainer, probe: list[list[int]], threshold: float) -> dic
     return {"sync/parity_mean_abs": mean, "sync/parity_max_abs": mx}
 
 
-def evaluate(pool, scorer, prompts, examples, greedy, terms, timeout, seed) -> float:
-    samples = pool.generate(prompts, greedy, seed=seed)
+def eval_decodings(e: BaseModel, r: BaseModel) -> dict[str, SamplingConfig]:
+    """The configured held-out decoding, plus greedy beside it when that one samples."""
+    greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=r.max_tokens, stop=r.stop)
+    if e.temperature == 0:
+        return {"eval/accuracy": greedy}
+    return {"eval/accuracy": SamplingConfig(n=e.n, temperature=e.temperature, top_p=e.top_p,
+                                            max_tokens=r.max_tokens, stop=r.stop),
+            "eval/accuracy_greedy": greedy}
+
+
+def evaluate(pool, scorer, prompts, examples, decodings: dict[str, SamplingConfig], terms, timeout,
+             seed) -> dict[str, float]:
+    """Held-out math accuracy under each named decoding (mean correctness over all samples)."""
     math_target = next((tg for tg, _, name in terms if name == "math"), resolve("math"))
-    verdicts = scorer.map(math_target, [(s.text, {"answer": examples[s.prompt_index].answer}) for s in samples], timeout)
-    return sum(v.status == "correct" for v in verdicts) / len(verdicts)
+    out = {}
+    for key, decoding in decodings.items():
+        samples = pool.generate(prompts, decoding, seed=seed)
+        verdicts = scorer.map(math_target, [(s.text, {"answer": examples[s.prompt_index].answer}) for s in samples],
+                              timeout)
+        out[key] = sum(v.status == "correct" for v in verdicts) / len(verdicts)
+    return out
 
 
 def save(run: RunDir, trainers: list, step: int) -> Path:

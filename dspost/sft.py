@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel
 
 from dspost.data.loading import BadRows, Example
+from dspost.lora import add_adapters, load_adapters, merge_lora, merged
 from dspost.rundir import RunDir
 from dspost.training import load_training_state, lr_factor, save_training_checkpoint
 
@@ -94,7 +95,8 @@ def eval_accuracy(model, examples: list[Example], tok, max_new_tokens: int = 48,
         chunk = scored[i: i + batch_size]
         prompts = [list(tok.apply_chat_template(ex.messages[:-1], tokenize=True, add_generation_prompt=True,
                                                 return_dict=True)["input_ids"]) for ex in chunk]
-        outs = model.generate(prompts, max_new_tokens, eos_token_id=tok.eos_token_id)
+        with merged(model) as plain:
+            outs = plain.generate(prompts, max_new_tokens, eos_token_id=tok.eos_token_id)
         for ex, out in zip(chunk, outs):
             correct += verify_math(tok.decode(out, skip_special_tokens=True), ex.answer).score == 1.0
     model.train()
@@ -108,8 +110,6 @@ def run_sft(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> 
     t, d, m = recipe.trainer, recipe.data, recipe.model
     if t.num_workers > 1:
         raise NotImplementedError("trainer.num_workers > 1: multi-worker SFT on Ray is not implemented yet")
-    if t.lora is not None:
-        raise NotImplementedError("trainer.lora: LoRA SFT is not implemented yet")
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     tok = load_tokenizer(str(model_path))
@@ -121,10 +121,17 @@ def run_sft(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> 
 
     dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
     start_step, resume_from = 0, run.latest_checkpoint() if recipe.resume else None
-    model = from_pretrained(resume_from or model_path, dtype=dtype)
+    model = from_pretrained(model_path if t.lora else (resume_from or model_path), dtype=dtype)
     model.mtp_loss_weight, model.balance_alpha = m.mtp_loss_weight, m.seq_balance_loss_weight
+    bias_speed = m.bias_update_speed
+    if t.lora is not None:
+        model = load_adapters(model, resume_from) if resume_from else add_adapters(model, t.lora, model_path)
+        bias_speed = 0.0  # the base model, router biases included, stays frozen: only adapters are saved
+        run.log.info("LoRA: %d trainable of %d parameters; router bias updates off",
+                     sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     if resume_from is not None:
         start_step = load_training_state(resume_from, opt)["step"]
         run.truncate_metrics(start_step)
@@ -149,10 +156,10 @@ def run_sft(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> 
             sums["lm"] += out.lm_loss.item() / t.grad_accum
             sums["mtp"] += sum(x.item() for x in out.mtp_losses) / t.grad_accum
             tokens += ids.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        model.update_router_biases(m.bias_update_speed)
+        model.update_router_biases(bias_speed)
         load = model.expert_load()
         n = step + 1
         metrics = {
@@ -171,7 +178,12 @@ def run_sft(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> 
             progress(n, t.max_steps, metrics)
         if n % t.save_every == 0 or n == t.max_steps:
             final = save_checkpoint(run, model, tok, opt, n)
-    return final or run.latest_checkpoint()
+    final = final or run.latest_checkpoint()
+    if t.lora is not None:  # later stages (and vLLM) need a full checkpoint
+        merged_dir = merge_lora(final, run.root / "merged", base=model_path)
+        run.log.info("merged the LoRA adapter of %s into %s", final, merged_dir)
+        return merged_dir
+    return final
 
 
 def save_checkpoint(run: RunDir, model, tok, opt, step: int) -> Path:

@@ -3,6 +3,7 @@ torch.distributed group (gloo on CPU, nccl on GPU), data-parallel by averaging g
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,12 @@ def token_logprobs(model, ids: torch.Tensor, routes=None) -> tuple[torch.Tensor,
     return lp, entropy
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 class TrainerWorker:
     def __init__(self, model_path: str, cfg: dict, rank: int = 0, world: int = 1, dist_url: str | None = None,
                  resume_from: str | None = None):
@@ -70,9 +77,12 @@ class TrainerWorker:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=dist_url,
                                     rank=rank, world_size=world)
         dtype = torch.bfloat16 if self.model_cfg.dtype == "bfloat16" else torch.float32
-        self.model = from_pretrained(resume_from or model_path, dtype=dtype).train()
+        # Ray exposes a GPU to this actor only when it asked for one (trainer.num_gpus_per_worker).
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.model = from_pretrained(resume_from or model_path, dtype=dtype).to(self.device).train()
         self.tokenizer = load_tokenizer(model_path)
-        self.ref = from_pretrained(model_path, dtype=dtype).eval() if self.algo.kl_beta > 0 else None
+        self.ref = from_pretrained(model_path, dtype=dtype).to(self.device).eval() if self.algo.kl_beta > 0 else None
+        self.transport = None  # set by connect_weight_transfer (NCCL); the object store needs no state
         t = self.trainer
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         # `step` counts optimizer steps (minibatches per rollout batch), which the LR schedule follows.
@@ -89,7 +99,7 @@ class TrainerWorker:
     def train_step(self, batch: RolloutBatch) -> dict[str, float]:
         t0 = time.perf_counter()
         t, a = self.trainer, self.algo
-        x = pack(batch, self.tokenizer.pad_token_id)
+        x = {k: v.to(self.device) for k, v in pack(batch, self.tokenizer.pad_token_id).items()}
         routes = None  # routing replay needs the engine's routes, which the CPU engine cannot return
         with torch.no_grad():
             self.model.eval()
@@ -120,7 +130,9 @@ class TrainerWorker:
             self.step += 1
         load = self.model.expert_load()
         if load.numel():
-            metrics["moe/load_max_min_ratio"] = float((load.max(1).values / load.min(1).values.clamp(min=1)).max())
+            ratios = load.max(1).values / load.min(1).values.clamp(min=1)
+            metrics["moe/load_max_min_ratio"] = float(ratios.max())
+            metrics.update({f"moe/layer{i}/load_max_min_ratio": float(v) for i, v in enumerate(ratios)})
         metrics.update({f"train/{k}": v for k, v in sums.items()})
         metrics["train/tokens"] = float(x["mask"].sum())
         metrics["train/seconds"] = time.perf_counter() - t0
@@ -140,19 +152,35 @@ class TrainerWorker:
             p.grad = flat[offset: offset + g.numel()].view_as(p).clone()
             offset += g.numel()
 
-    def publish_weights(self, transport: str, bucket_bytes: int) -> list:
-        """Put the current weights (HF names, main stack only: vLLM serves no MTP here) into buckets."""
+    def connect_weight_transfer(self, workers: list, bucket_bytes: int) -> None:
+        """NCCL: open a group to each rollout worker, once, before the first sync."""
+        import ray
+
+        from dspost.rollout.sync import NCCLTransport
+
+        self.transport = NCCLTransport(bucket_bytes)
+        self.transport.connect(workers, self._checkpoint_tensors, ray.util.get_node_ip_address(),
+                               [free_port() for _ in workers])
+
+    def _checkpoint_tensors(self):
         from dspost.model import hf_tensors
+
+        return hf_tensors(self.model, include_mtp=False)  # vLLM serves no MTP layers here
+
+    def publish_weights(self, transport: str, bucket_bytes: int) -> list | None:
+        """Object store: the current weights (HF names) in bucket refs. NCCL: pushed to the engines, None."""
         from dspost.rollout.sync import TRANSPORTS
 
-        return TRANSPORTS[transport](bucket_bytes).publish(hf_tensors(self.model, include_mtp=False))
+        if self.transport is not None:
+            return self.transport.publish()
+        return TRANSPORTS[transport](bucket_bytes).publish(self._checkpoint_tensors())
 
     @torch.no_grad()
     def sequence_logprobs(self, seqs: list[list[int]]) -> list[list[float]]:
         self.model.eval()
         out = []
         for s in seqs:
-            lp, _ = token_logprobs(self.model, torch.tensor([s]))
+            lp, _ = token_logprobs(self.model, torch.tensor([s], device=self.device))
             out.append(lp[0].tolist())
         self.model.train()
         return out

@@ -17,11 +17,16 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
 
 
 def save_training_checkpoint(path: Path, model, tokenizer, optimizer, step: int, extra: dict | None = None) -> Path:
-    """HF-layout model + tokenizer + `trainer_state.pt`, written atomically into `path`."""
+    """HF-layout model (or PEFT adapter) + tokenizer + `trainer_state.pt`, written atomically into `path`."""
+    from dspost.lora import is_adapted
     from dspost.model.checkpoint import atomic_dir, write_checkpoint
 
     with atomic_dir(path) as tmp:
-        write_checkpoint(model, tmp, tokenizer=tokenizer)
+        if is_adapted(model):  # LoRA: the adapter in PEFT format, not the frozen base
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        else:
+            write_checkpoint(model, tmp, tokenizer=tokenizer)
         torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
                     **(extra or {})}, tmp / "trainer_state.pt")
     return path

@@ -32,7 +32,8 @@ class VLLMEngine:
     """vLLM's `LLM` in this process (so weight updates reach it by reference), with the sync extension."""
 
     def __init__(self, path: str, dtype: str = "float32", memory_fraction: float = 0.3, max_model_len: int = 1024,
-                 enforce_eager: bool = False, seed: int = 0, kv_cache_gb: float | None = None):
+                 enforce_eager: bool = False, seed: int = 0, kv_cache_gb: float | None = None,
+                 weight_transfer: str | None = None):
         # In-process engine core: weight updates pass tensors by reference (a separate engine process cannot
         # receive them through collective_rpc: "cannot pickle memoryview objects").
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -50,7 +51,9 @@ class VLLMEngine:
         self.llm = LLM(model=path, dtype=dtype, gpu_memory_utilization=memory_fraction, max_model_len=max_model_len,
                        distributed_executor_backend="uni", enforce_eager=enforce_eager, seed=seed,
                        skip_tokenizer_init=not self.detokenize,
-                       worker_extension_cls="dspost.rollout.vllm_ext.WeightSyncExtension")
+                       worker_extension_cls="dspost.rollout.vllm_ext.WeightSyncExtension",
+                       # GPU pools receive weights over NCCL through vLLM's weight-transfer engine.
+                       **({"weight_transfer_config": {"backend": weight_transfer}} if weight_transfer else {}))
         # vLLM's CPU backend cannot return routed experts (needs Model Runner V2, which needs Triton).
         self.returns_routes = False
 

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from dspost.rollout.engine import Sample, SamplingConfig, VLLMEngine
-from dspost.rollout.sync import ObjectStoreTransport
+from dspost.rollout.sync import ObjectStoreTransport, SyncError
 
 
 class RolloutWorker:
@@ -26,11 +26,17 @@ class RolloutWorker:
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int, first_index: int) -> list[Sample]:
         return self.engine.generate(prompts, sampling, self.version, seed, first_index)
 
-    def load_weights(self, refs: list, version: int) -> float:
+    def load_weights(self, refs: list | None, version: int) -> float:
+        """Object-store buckets by ref; None when the weights already arrived over NCCL."""
         t = time.perf_counter()
-        self.engine.update_weights(ObjectStoreTransport.receive(refs))
+        if refs is not None:
+            self.engine.update_weights(ObjectStoreTransport.receive(refs))
         self.version = version
         return time.perf_counter() - t
+
+    def weight_transfer_rpc(self, method: str, kwargs: dict) -> None:
+        """vLLM's weight-transfer calls (init, start, update, finish) on this engine's workers."""
+        self.engine.llm.collective_rpc(method, kwargs=kwargs)
 
     def sequence_logprobs(self, seqs: list[list[int]]) -> list[list[float]]:
         return self.engine.sequence_logprobs(seqs)
@@ -77,6 +83,9 @@ class RolloutPool:
     def _restart(self, i: int) -> None:
         import ray
 
+        if self.last_sync is not None and self.last_sync[0] is None:
+            raise SyncError(f"rollout worker {i} died and a restarted engine cannot rejoin the trainer's NCCL "
+                            "weight-transfer group; restart the run with resume=true")
         self.workers[i] = self._start()
         if self.last_sync is not None:
             ray.get(self.workers[i].load_weights.remote(*self.last_sync))
@@ -106,8 +115,9 @@ class RolloutPool:
         lo, hi = bound
         return self.workers[i].generate.remote(prompts[lo:hi], sampling, seed + lo, lo)
 
-    def sync(self, refs: list, version: int) -> float:
-        """Every worker loads the buckets before the next generation; returns the slowest worker's seconds."""
+    def sync(self, refs: list | None, version: int) -> float:
+        """Every worker loads the buckets (refs None: NCCL already delivered the weights) before the next
+        generation; returns the slowest worker's seconds."""
         import ray
 
         self.last_sync = (refs, version)

@@ -97,18 +97,28 @@ class ObjectStoreTransport:
 
 
 class NCCLTransport:
-    """GPU pools: broadcast buckets from trainer rank 0 to the engines over NCCL with vLLM's weight-transfer
-    API (`init_weight_transfer_engine`, `start_weight_update`, `update_weights`, `finish_weight_update`).
-    Needs CUDA and the CUDA build of vLLM; neither exists on the CPU machines this project is tested on."""
+    """GPU pools: trainer rank 0 broadcasts to every engine over NCCL with vLLM's weight-transfer API
+    (`rollout/nccl.py`). `connect` opens the groups once; `publish` pushes the weights and returns no refs,
+    because the engines already hold them when it returns."""
 
     def __init__(self, bucket_bytes: int):
         if not torch.cuda.is_available():
             raise SyncError("weight transport 'nccl' needs CUDA devices on the trainer and rollout workers; "
-                            "use 'object_store' on CPU")
+                            "use sync.transport=object_store on CPU")
         self.bucket_bytes = bucket_bytes
+        self.senders: list = []
 
-    def publish(self, named):
-        raise SyncError("weight transport 'nccl' is not implemented yet: no GPU with vLLM was available to test it")
+    def connect(self, workers: list, named, address: str, ports: list[int]) -> None:
+        from dspost.rollout.nccl import connect
+
+        self.senders = connect(workers, named, address, ports, self.bucket_bytes)
+
+    def publish(self, named=None) -> None:
+        if not self.senders:
+            raise SyncError("weight transport 'nccl': publish before connect (no NCCL groups to the engines)")
+        for sender in self.senders:
+            sender.send_weights()
+        return None
 
 
 TRANSPORTS = {"object_store": ObjectStoreTransport, "nccl": NCCLTransport}

@@ -45,6 +45,7 @@ CASES = [
     ("opd without teachers", "kind: opd\n", [], "teachers"),
     ("unsupported dtype", "kind: sft\nmodel:\n  dtype: float16\n", [], "model.dtype"),
     ("greedy group", "kind: grpo\nrollout:\n  n: 4\n  temperature: 0\n", [], "rollout: n=4 samples per prompt need temperature > 0"),
+    ("greedy eval samples", "kind: grpo\neval:\n  n: 4\n", [], "eval: n=4 samples per problem need temperature > 0"),
     ("missing reference set", "kind: eval_rm\nreference: /nonexistent/ref.jsonl\n", [], "reference: no such file"),
 ]
 

@@ -1,0 +1,104 @@
+"""LoRA through PEFT, for our DeepSeek model and any transformers causal LM.
+
+Adapters are saved in PEFT format (`adapter_config.json` + `adapter_model.safetensors`). Our model's module
+names are the Hugging Face ones, so an adapter trained on it loads with
+`peft.PeftModel.from_pretrained(DeepseekV3ForCausalLM.from_pretrained(base), adapter)` as well as on ours.
+MTP layers, which transformers does not load, are never adapted."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+NOT_ADAPTED = r".*mtp_layers.*"
+
+
+def lora_config(cfg):
+    from peft import LoraConfig
+
+    if cfg.routed_experts:
+        # Measured with peft 0.21: adapters on the stacked expert tensors (target_parameters) train and save,
+        # but reloading them fails (PEFT's gate_up_proj rank pattern does not match on load).
+        raise NotImplementedError("trainer.lora.routed_experts: LoRA on the stacked routed experts does not "
+                                  "round-trip through PEFT's target_parameters yet; adapt the shared experts instead")
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+                      exclude_modules=NOT_ADAPTED)
+
+
+def add_adapters(model, cfg, base_path: str | Path):
+    """Wrap `model` with fresh trainable adapters; everything else is frozen."""
+    from peft import get_peft_model
+
+    model.name_or_path = str(base_path)  # PEFT records it as the adapter's base_model_name_or_path
+    return get_peft_model(model, lora_config(cfg))
+
+
+def load_adapters(model, adapter_dir: str | Path, trainable: bool = True):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def is_adapted(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def merged(model):
+    """Adapters folded into the base weights for the duration (generation reads some weights directly,
+    e.g. MLA's absorbed decode path, and skips the adapter otherwise)."""
+    if not is_adapted(model):
+        yield model
+        return
+    model.merge_adapter()
+    try:
+        yield model.get_base_model()
+    finally:
+        model.unmerge_adapter()
+
+
+def load_base(path: str | Path, dtype=None):
+    """Our model for a `deepseek_v3` checkpoint, else whatever transformers loads as a causal LM."""
+    import torch
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    if config.get("model_type") == "deepseek_v3":
+        from dspost.model import from_pretrained
+
+        return from_pretrained(path, dtype=dtype or torch.float32)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+
+
+def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None = None) -> Path:
+    """Fold a PEFT adapter into its base model and write a full checkpoint (atomically) to `out_dir`."""
+    from dspost.model import load_tokenizer
+    from dspost.model.checkpoint import atomic_dir, write_checkpoint
+
+    adapter_dir = Path(adapter_dir)
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter directory)")
+    base = Path(base or json.loads(config_file.read_text()).get("base_model_name_or_path") or "")
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(f"{base}: base model of {adapter_dir} not found (pass --base)")
+    model = load_adapters(load_base(base), adapter_dir, trainable=False).merge_and_unload()
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        tokenizer_from = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
+        tokenizer = load_tokenizer(str(tokenizer_from)) if (tokenizer_from / "tokenizer_config.json").is_file() else None
+        if _ours(model):
+            write_checkpoint(model, tmp, tokenizer=tokenizer)
+        else:
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+def _ours(model) -> bool:
+    from dspost.model import DeepseekV3
+
+    return isinstance(model, DeepseekV3)
