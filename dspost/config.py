@@ -6,7 +6,7 @@ loads). Each field is documented once, by the docstring under it; recipes only o
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -38,7 +38,7 @@ class ModelSection(Section):
 class DataSection(Section):
     path: str | None = None
     """JSONL/JSON/Parquet file or a local `datasets` directory; unset = the built-in synthetic math set."""
-    format: Literal["auto", "gsm8k", "math", "chat", "prompt_completion"] = "auto"
+    format: Literal["auto", "gsm8k", "math", "chat", "prompt_completion", "code"] = "auto"
     """How rows are read: GSM8K (`question`, `answer` with `#### N`), MATH (`problem`, `answer`),
     chat (`messages`), prompt/completion pairs; `auto` infers it from the columns."""
     columns: dict[str, str] = Field(default_factory=dict)
@@ -230,6 +230,8 @@ class RewardTerm(Section):
     """Registered reward name (`math`, `format`, ...) or a dotted path `pkg.module:function`."""
     weight: float = 1.0
     """Weight in the summed reward."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword options of the reward function (e.g. `code`: `partial: true` scores the passed fraction)."""
 
 
 class RewardsSection(Section):

@@ -52,7 +52,7 @@ def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) ->
     prompts = [prompt_ids(tok, ex) for ex in train]
     eval_prompts = [prompt_ids(tok, ex) for ex in held_out]
     probe = [prompt_ids(tok, ex) + tok(ex.messages[-1]["content"])["input_ids"] for ex in held_out[:4]]
-    terms = [(resolve(term.name), term.weight, term.name) for term in recipe.rewards.terms]
+    terms = [(resolve(term.name), term.weight, term.name, term.options) for term in recipe.rewards.terms]
     sampling = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, stop=r.stop)
     decodings = eval_decodings(recipe.eval, r)
     run.log.info("routing replay: %s", "on" if a.routing_replay and pool.returns_routes() else
@@ -165,8 +165,9 @@ def prompt_ids(tok, ex: Example) -> list[int]:
 def score(scorer: ScoringPool, samples: list[Sample], examples: list[Example], terms, timeout: float):
     rewards = torch.zeros(len(samples))
     metrics: dict[str, float] = {}
-    for target, weight, name in terms:
-        verdicts = scorer.map(target, [(s.text, {"answer": ex.answer}) for s, ex in zip(samples, examples)], timeout)
+    for target, weight, name, options in terms:
+        verdicts = scorer.map(target, [(s.text, {"answer": ex.answer, **ex.extra}) for s, ex in zip(samples, examples)],
+                              timeout, options)
         rewards += weight * torch.tensor([v.score for v in verdicts])
         for status in STATUSES:
             metrics[f"reward/{name}/{status}"] = sum(v.status == status for v in verdicts)
@@ -236,7 +237,7 @@ def eval_decodings(e: BaseModel, r: BaseModel) -> dict[str, SamplingConfig]:
 def evaluate(pool, scorer, prompts, examples, decodings: dict[str, SamplingConfig], terms, timeout,
              seed) -> dict[str, float]:
     """Held-out math accuracy under each named decoding (mean correctness over all samples)."""
-    math_target = next((tg for tg, _, name in terms if name == "math"), resolve("math"))
+    math_target = next((tg for tg, _, name, _ in terms if name == "math"), resolve("math"))
     out = {}
     for key, decoding in decodings.items():
         samples = pool.generate(prompts, decoding, seed=seed)

@@ -1,9 +1,10 @@
 """Rewards: verifiers that return a score with a status (correct, wrong, unparsable, timeout, error)."""
 
+from dspost.rewards.code import run_code_tests, run_io_tests
 from dspost.rewards.math import extract_answer, verify_math
 from dspost.rewards.pool import ScoringPool, verify_math_batch
 from dspost.rewards.registry import REWARDS, resolve
 from dspost.rewards.verdict import STATUSES, Verdict
 
-__all__ = ["REWARDS", "STATUSES", "ScoringPool", "Verdict", "extract_answer", "resolve", "verify_math",
-           "verify_math_batch"]
+__all__ = ["REWARDS", "STATUSES", "ScoringPool", "Verdict", "extract_answer", "resolve", "run_code_tests",
+           "run_io_tests", "verify_math", "verify_math_batch"]

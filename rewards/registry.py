@@ -1,7 +1,8 @@
 """Rewards by name or dotted path, combined as a weighted sum.
 
-A reward is `fn(response: str, example: dict) -> Verdict`, run inside the scoring pool's worker processes.
-`example` carries the prompt's fields (`answer` for math)."""
+A reward is `fn(response: str, example: dict, **options) -> Verdict`, run inside the scoring pool's worker
+processes. `example` carries the prompt's fields (`answer` for math; `tests`/`entry_point`/`prompt` or
+`cases` for code); `options` come from the recipe's `rewards.terms[i].options`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import importlib
 import re
 from collections.abc import Callable
 
+from dspost.rewards.code import extract_code, run_code_tests, run_io_tests
 from dspost.rewards.math import verify_math
 from dspost.rewards.verdict import Verdict
 
@@ -30,7 +32,22 @@ def format_reward(response: str, example: dict) -> Verdict:
     return Verdict(1.0 if ok else 0.0, "correct" if ok else "wrong", None)
 
 
-REWARDS: dict[str, Callable[[str, dict], Verdict]] = {"math": math_reward, "format": format_reward}
+def code_reward(response: str, example: dict, partial: bool = False, timeout: float = 4.0) -> Verdict:
+    """The response's last fenced code block run in the sandbox against the example's `tests` (asserts or a
+    HumanEval `check` with `entry_point`; a HumanEval-style completion is appended to its `prompt`) or its
+    stdin/stdout `cases` ([[input, output], ...])."""
+    code = extract_code(response)
+    entry = example.get("entry_point")
+    if entry and example.get("prompt") and f"def {entry}" not in code:
+        code = example["prompt"] + code
+    if example.get("cases"):
+        return run_io_tests(code, [tuple(c) for c in example["cases"]], timeout, partial=partial)
+    if not example.get("tests"):
+        return Verdict(0.0, "error", None, "example has neither tests nor cases")
+    return run_code_tests(code, example["tests"], timeout, entry_point=entry, partial=partial)
+
+
+REWARDS: dict[str, Callable[..., Verdict]] = {"math": math_reward, "format": format_reward, "code": code_reward}
 
 
 def resolve(name: str) -> str:

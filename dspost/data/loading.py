@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from dspost.data import synthetic_math
 
 FORMAT_COLUMNS = {
+    "code": ("prompt", "test", "entry_point"),
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "gsm8k": ("question", "answer"),
@@ -37,6 +38,7 @@ class BadRow(ValueError):
 class Example:
     messages: list[dict[str, str]]  # the full conversation, last turn the assistant's target
     answer: str | None = None  # gold final answer, when the format has one (for verifiers)
+    extra: dict[str, Any] = field(default_factory=dict)  # other fields rewards read (code: tests, entry_point)
 
 
 @dataclass
@@ -112,6 +114,13 @@ def to_example(row: dict[str, Any], fmt: str, columns: dict[str, str]) -> Exampl
         if msgs[-1]["role"] != "assistant" or not str(msgs[-1]["content"]).strip():
             raise BadRow("conversation does not end in a non-empty assistant turn")
         return Example(messages=[{"role": m["role"], "content": str(m["content"])} for m in msgs])
+    if fmt == "code":  # HumanEval: complete the function; graded by running `test` with `check(entry_point)`
+        prompt, tests, entry = str(col("prompt")), str(col("test")), str(col("entry_point"))
+        solution = col("canonical_solution", required=False) or ""
+        ask = f"Complete this Python function. Reply with the whole function in a ```python block.\n\n{prompt}"
+        return Example([{"role": "user", "content": ask},
+                        {"role": "assistant", "content": f"```python\n{prompt}{solution}```"}],
+                       extra={"tests": tests, "entry_point": entry, "prompt": prompt})
     if fmt == "prompt_completion":
         return Example([{"role": "user", "content": str(col("prompt"))},
                         {"role": "assistant", "content": str(col("completion"))}])
