@@ -101,21 +101,27 @@ class TrainerWorker:
         t, a = self.trainer, self.algo
         x = {k: v.to(self.device) for k, v in pack(batch, self.tokenizer.pad_token_id).items()}
         routes = None  # routing replay needs the engine's routes, which the CPU engine cannot return
+        # With one optimizer step per batch, every forward sees the weights that produced the batch: the
+        # training forward's own logprobs (detached) are the old ones, and no separate pass is needed.
+        old_lp = entropy = None
         with torch.no_grad():
-            self.model.eval()
-            old_lp, entropy = token_logprobs(self.model, x["ids"], routes)
+            if a.minibatches > 1:
+                self.model.eval()
+                old_lp, entropy = token_logprobs(self.model, x["ids"], routes)
+                self.model.train()
             ref_lp = token_logprobs(self.ref, x["ids"])[0] if self.ref is not None else None
-            self.model.train()
         B = x["ids"].shape[0]
-        metrics: dict[str, float] = {"entropy": float((entropy * x["mask"]).sum() / x["mask"].sum()),
-                                     "train/rollout_logprob_diff": float(((old_lp - x["rollout_lp"]).abs() * x["mask"]).sum() / x["mask"].sum())}
+        seen_lp, seen_entropy = torch.zeros_like(x["rollout_lp"]), torch.zeros_like(x["rollout_lp"])
         sums: dict[str, float] = {}
         for mb in torch.arange(B).chunk(a.minibatches):
             for g in self.opt.param_groups:
                 g["lr"] = t.lr * lr_factor(self.step, t.warmup_steps, t.max_steps * a.minibatches, t.min_lr_ratio)
             for micro in mb.chunk(t.grad_accum):
-                lp, _ = token_logprobs(self.model, x["ids"][micro])
-                inputs = LossInputs(lp, old_lp[micro], x["rollout_lp"][micro], x["adv"][micro], x["mask"][micro],
+                lp, ent = token_logprobs(self.model, x["ids"][micro])
+                old = old_lp[micro] if old_lp is not None else lp.detach()
+                if old_lp is None:
+                    seen_lp[micro], seen_entropy[micro] = old, ent
+                inputs = LossInputs(lp, old, x["rollout_lp"][micro], x["adv"][micro], x["mask"][micro],
                                     ref_lp[micro] if ref_lp is not None else None)
                 loss, m = policy_loss(inputs, a)
                 (loss * len(micro) / len(mb)).backward()
@@ -128,6 +134,11 @@ class TrainerWorker:
             self.opt.zero_grad(set_to_none=True)
             self.model.update_router_biases(self.model_cfg.bias_update_speed)
             self.step += 1
+        if old_lp is None:
+            old_lp, entropy = seen_lp, seen_entropy
+        tokens = x["mask"].sum()
+        metrics: dict[str, float] = {"entropy": float((entropy * x["mask"]).sum() / tokens),
+                                     "train/rollout_logprob_diff": float(((old_lp - x["rollout_lp"]).abs() * x["mask"]).sum() / tokens)}
         load = self.model.expert_load()
         if load.numel():
             ratios = load.max(1).values / load.min(1).values.clamp(min=1)
