@@ -1,4 +1,4 @@
-"""`dspost` command line: run, doctor, plot, merge-lora.
+"""`dspost` command line: run, eval-rm, doctor, plot, merge-lora.
 
 Bad input exits with code 2 and one line on stderr naming the field or path; nothing is started."""
 
@@ -31,6 +31,21 @@ def _parser() -> argparse.ArgumentParser:
                           description="Write RUN_DIR/plots/*.png from RUN_DIR/metrics.jsonl.")
     plot.add_argument("run_dir", help="a run directory")
 
+    ev = sub.add_parser("eval-rm", help="evaluate a critic on preference pairs (report.json, report.md, plots)",
+                        description="Evaluate a critic on held-out preference pairs and check it with the meta-critic. "
+                                    "Same as `dspost run` on a `kind: eval_rm` recipe (e.g. recipes/rm_eval.yaml).")
+    ev.add_argument("--critic", required=True,
+                    help="reward-model directory, a `kind: rm` recipe (its latest checkpoint), length, rule:NAME or judge:DIR")
+    ev.add_argument("--data", default=None, help="pairs file or datasets directory (default: synthetic math pairs)")
+    ev.add_argument("--format", default="auto", help="pairwise, llmbar, hh_rlhf or auto")
+    ev.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS",
+                    help="map a column name (prompt, chosen, rejected, input, output_1, output_2, label, category, answer)")
+    ev.add_argument("--output", default=None, help="run directory (default runs/eval_rm-<timestamp>)")
+    ev.add_argument("--reference", default=None, help="meta-critic reference set (default: the shipped one)")
+    ev.add_argument("--no-meta-critic", action="store_true", help="skip the meta-critic")
+    ev.add_argument("--batch-size", type=int, default=16, help="pairs per critic call")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N pairs")
+
     merge = sub.add_parser("merge-lora", help="fold a PEFT LoRA adapter into its base model",
                            description="Write a full checkpoint: base model + adapter, merged.")
     merge.add_argument("adapter", help="adapter directory (PEFT format, e.g. RUN/checkpoints/step_N)")
@@ -54,6 +69,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("---\nresource plan:")
         print(format_plans(plans))
         return 0
+    return _run(recipe)
+
+
+def _run(recipe) -> int:
     from dspost.data.loading import DataError
     from dspost.model import CheckpointError
     from dspost.runner import run_recipe
@@ -64,6 +83,46 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def critic_from_recipe(path: str) -> str:
+    """A `kind: rm` recipe names its reward model by its run directory's latest checkpoint."""
+    from pathlib import Path
+
+    from dspost.recipe import RecipeError, load_recipe
+
+    recipe = load_recipe(path)
+    if recipe.kind != "rm" or not recipe.output_dir:
+        raise RecipeError(f"--critic {path}: a critic recipe must be `kind: rm` with an output_dir")
+    latest = Path(recipe.output_dir) / "checkpoints" / "latest"
+    if not latest.is_file():
+        raise RecipeError(f"--critic {path}: {recipe.output_dir} has no checkpoint yet (run the recipe first)")
+    if recipe.trainer.lora:  # LoRA runs leave adapters in checkpoints/ and the full model in merged/
+        return str(Path(recipe.output_dir) / "merged")
+    return str(Path(recipe.output_dir) / "checkpoints" / latest.read_text().strip())
+
+
+def cmd_eval_rm(args: argparse.Namespace) -> int:
+    from dspost.recipe import RecipeError, check_paths, validate_recipe
+
+    try:
+        critic = critic_from_recipe(args.critic) if args.critic.endswith((".yaml", ".yml")) else args.critic
+        columns = {}
+        for item in args.column:
+            ours, sep, theirs = item.partition("=")
+            if not sep or not ours or not theirs:
+                raise RecipeError(f"--column {item!r}: expected OURS=THEIRS")
+            columns[ours] = theirs
+        raw = {"kind": "eval_rm", "name": "eval_rm", "critic": critic, "output_dir": args.output,
+               "data": {"path": args.data, "format": args.format, "columns": columns},
+               "reference": args.reference, "meta_critic": not args.no_meta_critic,
+               "batch_size": args.batch_size, "limit": args.limit}
+        recipe = validate_recipe(raw, source="eval-rm")
+        check_paths(recipe)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return _run(recipe)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -96,7 +155,8 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "doctor": cmd_doctor, "plot": cmd_plot, "merge-lora": cmd_merge_lora}
+COMMANDS = {"run": cmd_run, "eval-rm": cmd_eval_rm, "doctor": cmd_doctor, "plot": cmd_plot,
+            "merge-lora": cmd_merge_lora}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,9 +38,12 @@ class ModelSection(Section):
 class DataSection(Section):
     path: str | None = None
     """JSONL/JSON/Parquet file or a local `datasets` directory; unset = the built-in synthetic math set."""
-    format: Literal["auto", "gsm8k", "math", "chat", "prompt_completion", "code"] = "auto"
+    format: Literal["auto", "gsm8k", "math", "chat", "prompt_completion", "code", "pairwise", "llmbar",
+                    "hh_rlhf"] = "auto"
     """How rows are read: GSM8K (`question`, `answer` with `#### N`), MATH (`problem`, `answer`),
-    chat (`messages`), prompt/completion pairs; `auto` infers it from the columns."""
+    chat (`messages`), prompt/completion pairs, HumanEval-style `code`; preference pairs for reward models:
+    `pairwise` (`prompt`, `chosen`, `rejected`), `llmbar` (`input`, `output_1`, `output_2`, `label`),
+    `hh_rlhf` (`chosen`/`rejected` transcripts); `auto` infers it from the columns."""
     columns: dict[str, str] = Field(default_factory=dict)
     """Map from our column names (`prompt`, `completion`, `messages`, `question`, `answer`, ...)
     to the file's own."""
@@ -311,18 +314,46 @@ class OPDRecipe(GRPORecipe):
     """Specialist teachers."""
 
 
+class RMRecipe(StageBase):
+    kind: Literal["rm"]
+    """Reward-model training: pairwise Bradley-Terry loss on chosen/rejected pairs, full or LoRA."""
+    model: ModelSection = Field(default_factory=ModelSection)
+    """Starting checkpoint (a causal LM gets a fresh scalar head; a reward checkpoint keeps its own)."""
+    data: DataSection = Field(default_factory=lambda: DataSection(num_train=2000, num_eval=200))
+    """Preference pairs (`pairwise`, `llmbar`, `hh_rlhf`); unset `path` = synthetic math pairs (a worked
+    solution against the same one ending in a wrong answer)."""
+    trainer: TrainerSection = Field(default_factory=lambda: TrainerSection(lr=2e-4, max_steps=100, eval_every=25,
+                                                                           save_every=100))
+    """Optimisation (`batch_size` counts pairs)."""
+
+
 class EvalRMRecipe(StageBase):
     kind: Literal["eval_rm"]
     """Evaluate a critic (reward model, judge or rule) on held-out preference pairs."""
     critic: str = "length"
-    """Critic: a checkpoint path, a registered name (`length`), or a recipe."""
+    """`length` (the length-only baseline), `rule:NAME` (a registered reward: math, format, code), `judge:DIR`
+    (a generative judge served by vLLM, asked in both orders), or a reward-model checkpoint directory (ours,
+    or any transformers sequence classifier with one label)."""
     data: DataSection = Field(default_factory=DataSection)
-    """Pairwise data (`prompt`/`chosen`/`rejected`, LLMBar, HH-RLHF)."""
+    """Pairs: `pairwise`, `llmbar`, `hh_rlhf` files (every row is evaluated); unset `path` = the synthetic
+    math pairs' held-out split."""
     reference: str | None = None
-    """Critic-of-critics reference set; unset = the shipped one."""
+    """Critic-of-critics reference set (JSONL: prompt, chosen, rejected, slice[, answer]); unset = the shipped one."""
+    meta_critic: bool = True
+    """Also run the meta-critic on the reference set and write `meta_critic.json`."""
+    batch_size: int = Field(16, ge=1)
+    """Pairs per critic call."""
+    max_length: int = Field(1024, ge=8)
+    """Tokens per (prompt, response) for model critics; longer ones keep their end."""
+    bootstrap: int = Field(1000, ge=10)
+    """Bootstrap resamples for the accuracy interval."""
+    seed: int = 0
+    """Seed of the bootstrap (the report is a function of critic, data and seed)."""
+    limit: int | None = Field(None, ge=1)
+    """Evaluate only the first this-many pairs."""
 
 
-Stage = Annotated[Union[SFTRecipe, GRPORecipe, OPDRecipe, EvalRMRecipe], Field(discriminator="kind")]
+Stage = Annotated[Union[SFTRecipe, GRPORecipe, OPDRecipe, RMRecipe, EvalRMRecipe], Field(discriminator="kind")]
 
 
 class PipelineRecipe(StageBase):
@@ -351,11 +382,12 @@ class PipelineRecipe(StageBase):
         return self
 
 
-Recipe = Union[SFTRecipe, GRPORecipe, OPDRecipe, EvalRMRecipe, PipelineRecipe]
+Recipe = Union[SFTRecipe, GRPORecipe, OPDRecipe, RMRecipe, EvalRMRecipe, PipelineRecipe]
 RECIPE_KINDS: dict[str, type[BaseModel]] = {
     "sft": SFTRecipe,
     "grpo": GRPORecipe,
     "opd": OPDRecipe,
+    "rm": RMRecipe,
     "eval_rm": EvalRMRecipe,
     "pipeline": PipelineRecipe,
 }

@@ -64,13 +64,15 @@ def _trainers(stage: BaseModel, holds: str) -> list[Actor]:
 def _plan_stage(name: str, stage: BaseModel) -> Plan:
     plan = Plan(stage=name, kind=stage.kind)
     if stage.kind == "eval_rm":
-        plan.actors.append(Actor("evaluator", 1, 0, f"critic {stage.critic}", ray=False))
+        holds = f"critic {stage.critic}" + (" (an in-process vLLM engine)" if stage.critic.startswith("judge:") else "")
+        plan.actors.append(Actor("evaluator", 1, 0, holds, ray=False))
         return plan
     policy = model_source(stage.model)
-    train_holds = f"policy ({policy}) + optimizer" + (" + LoRA adapters" if stage.trainer.lora else "")
+    role = "reward model" if stage.kind == "rm" else "policy"
+    train_holds = f"{role} ({policy}) + optimizer" + (" + LoRA adapters" if stage.trainer.lora else "")
     if stage.kind in ("grpo", "opd") and stage.algorithm.kl_beta > 0:
         train_holds += " + reference model"
-    if stage.kind == "sft":
+    if stage.kind in ("sft", "rm"):
         plan.actors += _trainers(stage, train_holds)
         return plan
     r = stage.rollout

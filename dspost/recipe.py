@@ -125,6 +125,17 @@ def check_paths(recipe: BaseModel) -> None:
         for j, teacher in enumerate(getattr(stage, "teachers", []) or []):
             if teacher.path and not Path(teacher.path).expanduser().is_dir():
                 raise RecipeError(f"{prefix}teachers.{j}.path: no such checkpoint directory: {teacher.path}")
-        if getattr(stage, "kind", None) == "eval_rm" and stage.reference and not Path(stage.reference).expanduser().is_file():
-            raise RecipeError(f"{prefix}reference: no such file: {stage.reference}")
+        if getattr(stage, "kind", None) == "eval_rm":
+            if stage.reference and not Path(stage.reference).expanduser().is_file():
+                raise RecipeError(f"{prefix}reference: no such file: {stage.reference}")
+            kind, sep, rest = stage.critic.partition(":")
+            target = rest if sep and kind == "judge" else (None if sep and kind == "rule" else stage.critic)
+            if target not in (None, "length") and not (Path(target).expanduser() / "config.json").is_file():
+                raise RecipeError(f"{prefix}critic: {target}: no such checkpoint directory (or one without config.json); "
+                                  f"expected length, rule:NAME, judge:DIR or a reward-model directory")
+            if sep and kind == "rule":
+                from dspost.rewards.registry import REWARDS
+
+                if rest not in REWARDS:
+                    raise RecipeError(f"{prefix}critic: unknown rule {rest!r} (registered: {sorted(REWARDS)})")
 

@@ -46,7 +46,20 @@ def _grpo(stage: BaseModel, run: RunDir, model_path: Path, progress: Progress) -
     return run_grpo(stage, run, model_path, progress)
 
 
-STAGE_RUNNERS: dict[str, Callable[[BaseModel, RunDir, Path, Progress], Path]] = {"sft": _sft, "grpo": _grpo}
+def _rm(stage: BaseModel, run: RunDir, model_path: Path, progress: Progress) -> Path:
+    from dspost.rm import run_rm
+
+    return run_rm(stage, run, model_path, progress)
+
+
+def _eval_rm(stage: BaseModel, run: RunDir, model_path: Path | None, progress: Progress) -> Path:
+    from dspost.eval_rm import run_eval_rm
+
+    return run_eval_rm(stage, run, model_path, progress)
+
+
+STAGE_RUNNERS: dict[str, Callable[[BaseModel, RunDir, Path, Progress], Path]] = {
+    "sft": _sft, "grpo": _grpo, "rm": _rm, "eval_rm": _eval_rm}
 
 
 def run_stage(stage: BaseModel, stage_outputs: dict[str, Path] | None = None, log=print) -> Path:
@@ -67,7 +80,7 @@ def run_stage(stage: BaseModel, stage_outputs: dict[str, Path] | None = None, lo
     finally:
         progress.close()
         run.close()
-    log(f"{stage.name}: done; run directory {run.root}, final checkpoint {final}")
+    log(f"{stage.name}: done; run directory {run.root}" + (f", final checkpoint {final}" if final != run.root else ""))
     return final
 
 

@@ -32,6 +32,8 @@ EXPERT_TABLE: dict[str, list[tuple[str, int | None]]] = {
     "down_proj": [("down_proj", None)],
 }
 MTP_SHARED = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+# Heads of a sequence-classification checkpoint (`reward_model.py` loads them); the causal LM skips them.
+SEQUENCE_HEADS = frozenset({"score.weight"})
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _STACKED_RE = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -235,7 +237,7 @@ def _mtp_shared_names(args: ModelArgs) -> set[str]:
 
 def _load_one(model: DeepseekV3, targets: dict, name: str, t: torch.Tensor, filled: set[str]) -> None:
     args = model.args
-    if name in _mtp_shared_names(args):
+    if name in _mtp_shared_names(args) or name in SEQUENCE_HEADS:
         return
     m = _EXPERT_RE.match(name)
     if m:

@@ -617,18 +617,8 @@ class DeepseekV3(nn.Module):
                 return_hidden: bool = False) -> ModelOutput:
         """`segment_ids` [B, S] separates packed sequences (and padding); `routes` replays expert indices
         [T, K] per MoE layer of the main stack (routing replay)."""
-        B, S = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
-        h = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope(position_ids, h.dtype)
-        mask = self.attention_mask(segment_ids, S, input_ids.device)
-        moe_i = 0
-        for layer in self.model.layers:
-            replay = None
-            if routes is not None and isinstance(layer.mlp, MoE):
-                replay, moe_i = routes[moe_i], moe_i + 1
-            h = layer(h, cos, sin, mask, input_ids, replay=replay, balance_alpha=self.balance_alpha)
+        S = input_ids.shape[1]
+        h, cos, sin, mask = self.trunk(input_ids, position_ids, segment_ids, routes)
         main_h = h
         logits = self.lm_head(self.model.norm(h))
         out = ModelOutput(logits=logits, hidden=main_h if return_hidden else None)
@@ -652,6 +642,23 @@ class DeepseekV3(nn.Module):
         if out.aux_loss is not None:
             out.loss = out.loss + out.aux_loss
         return out
+
+    def trunk(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+              segment_ids: torch.Tensor | None = None, routes: list[torch.Tensor] | None = None):
+        """The main stack's last hidden states (before the final norm), with the rope and mask it used."""
+        B, S = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(position_ids, h.dtype)
+        mask = self.attention_mask(segment_ids, S, input_ids.device)
+        moe_i = 0
+        for layer in self.model.layers:
+            replay = None
+            if routes is not None and isinstance(layer.mlp, MoE):
+                replay, moe_i = routes[moe_i], moe_i + 1
+            h = layer(h, cos, sin, mask, input_ids, replay=replay, balance_alpha=self.balance_alpha)
+        return h, cos, sin, mask
 
     def _mtp_step(self, mtp: MTPLayer, h, input_ids, offset, cos, sin, mask):
         B, S, _ = h.shape

@@ -65,7 +65,7 @@ class BadRows:
         return ", ".join(f"{r}: {n}" for r, n in self.reasons.most_common()) or "none"
 
 
-def _read_file(path: str) -> list[dict[str, Any]]:
+def read_rows(path: str) -> list[dict[str, Any]]:
     import datasets
 
     p = Path(path)
@@ -167,10 +167,10 @@ def load_examples(data: BaseModel) -> tuple[list[Example], list[Example], BadRow
         train, held_out = synthetic_math.splits(data.num_train, data.num_eval, data.seed, data.difficulty)
         conv = lambda ps: [Example(synthetic_math.messages(p), p.answer) for p in ps]  # noqa: E731
         return conv(train), conv(held_out), BadRows(total=len(train) + len(held_out))
-    rows = _read_file(data.path)
+    rows = read_rows(data.path)
     if not rows:
         raise DataError(f"data.path: {data.path}: no rows")
-    eval_rows = _read_file(data.eval_path) if data.eval_path else None
+    eval_rows = read_rows(data.eval_path) if data.eval_path else None
     fmt = detect_format(rows[0], data.format, data.columns)
     bad = BadRows(total=len(rows) + len(eval_rows or []))
 
