@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference", default=None, help="meta-critic reference set (default: the shipped one)")
     ev.add_argument("--no-meta-critic", action="store_true", help="skip the meta-critic")
     ev.add_argument("--batch-size", type=int, default=16, help="pairs per critic call")
+    ev.add_argument("--max-length", type=int, default=1024, help="tokens per (prompt, response); longer keep their end")
     ev.add_argument("--limit", type=int, default=None, help="only the first N pairs")
 
     merge = sub.add_parser("merge-lora", help="fold a PEFT LoRA adapter into its base model",
@@ -116,7 +117,7 @@ def cmd_eval_rm(args: argparse.Namespace) -> int:
         raw = {"kind": "eval_rm", "name": "eval_rm", "critic": critic, "output_dir": args.output,
                "data": {"path": args.data, "format": args.format, "columns": columns},
                "reference": args.reference, "meta_critic": not args.no_meta_critic,
-               "batch_size": args.batch_size, "limit": args.limit}
+               "batch_size": args.batch_size, "max_length": args.max_length, "limit": args.limit}
         recipe = validate_recipe(raw, source="eval-rm")
         check_paths(recipe)
     except RecipeError as e:

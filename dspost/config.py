@@ -230,16 +230,47 @@ class SyncSection(Section):
 
 class RewardTerm(Section):
     name: str
-    """Registered reward name (`math`, `format`, ...) or a dotted path `pkg.module:function`."""
+    """Registered reward name (`math`, `format`, `code`), a dotted path `pkg.module:function`, or a scalar
+    critic scored in the driver: `critic:length`, `critic:rule:NAME`, `critic:DIR` (a reward-model checkpoint)."""
     weight: float = 1.0
     """Weight in the summed reward."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Keyword options of the reward function (e.g. `code`: `partial: true` scores the passed fraction)."""
 
 
+class MetaCriticSection(Section):
+    term: str | None = None
+    """The critic term to check (its `name`, e.g. `critic:runs/rm/merged`); unset = the first critic term."""
+    every: int = Field(10, ge=1)
+    """Check the critic against the reference set every this many steps (and at step 0)."""
+    policy: Literal["report", "correct", "gate"] = "report"
+    """`report`: metrics only; `correct`: subtract the critic's measured length slope from its rewards;
+    `gate`: scale the critic's weight by `gate_weight` while the meta-critic flags it as biased."""
+    gate_weight: float = Field(0.0, ge=0.0, le=1.0)
+    """Weight multiplier of a flagged critic under `gate` (0 drops it)."""
+    reference: str | None = None
+    """Reference set (JSONL: prompt, chosen, rejected, slice[, answer]); unset = the shipped one."""
+
+
 class RewardsSection(Section):
     terms: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="math")], min_length=1)
     """Weighted sum of rewards."""
+    meta_critic: MetaCriticSection | None = None
+    """The critic-of-critics on a critic term: checks it every `every` steps and acts by `policy`."""
+
+    @model_validator(mode="after")
+    def _meta_needs_critic(self) -> "RewardsSection":
+        critics = [t.name for t in self.terms if t.name.startswith("critic:")]
+        for t in critics:
+            if t.startswith("critic:judge:"):
+                raise ValueError(f"terms: {t}: a pair judge compares two responses and cannot score one; "
+                                 "use a scalar critic (length, rule:NAME, a reward-model directory)")
+        if self.meta_critic is not None:
+            if not critics:
+                raise ValueError("meta_critic: needs a critic term (`critic:...`) among rewards.terms")
+            if self.meta_critic.term is not None and self.meta_critic.term not in critics:
+                raise ValueError(f"meta_critic.term: {self.meta_critic.term!r} is not a critic term (have {critics})")
+        return self
     timeout: float = Field(5.0, gt=0.0)
     """Wall-clock limit per scored sample, seconds."""
     num_workers: int = Field(2, ge=1)

@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel
 
 from dspost.algorithms import ADVANTAGES, informative_groups, overlong_penalty
+from dspost.critic_rewards import critic_terms, is_critic
 from dspost.data.loading import Example, load_examples
 from dspost.rewards import STATUSES, ScoringPool, resolve
 from dspost.rollout.engine import Sample, SamplingConfig
@@ -52,7 +53,9 @@ def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) ->
     prompts = [prompt_ids(tok, ex) for ex in train]
     eval_prompts = [prompt_ids(tok, ex) for ex in held_out]
     probe = [prompt_ids(tok, ex) + tok(ex.messages[-1]["content"])["input_ids"] for ex in held_out[:4]]
-    terms = [(resolve(term.name), term.weight, term.name, term.options) for term in recipe.rewards.terms]
+    terms = [(resolve(term.name), term.weight, term.name, term.options) for term in recipe.rewards.terms
+             if not is_critic(term.name)]
+    critics = critic_terms(recipe.rewards, run.log)
     sampling = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, stop=r.stop)
     decodings = eval_decodings(recipe.eval, r)
     run.log.info("routing replay: %s", "on" if a.routing_replay and pool.returns_routes() else
@@ -69,8 +72,9 @@ def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) ->
                 idx = batch_indices(len(prompts), r.prompts_per_step, step, t.seed)
                 samples = pool.generate([prompts[i] for i in idx], sampling, seed=t.seed * 1_000_003 + step * 10_007)
             with timed(times, "score"):
+                meta = {k: v for c in critics for k, v in c.check(step).items()}
                 rewards, reward_metrics = score(scorer, samples, [train[idx[s.prompt_index]] for s in samples],
-                                                terms, recipe.rewards.timeout)
+                                                terms, recipe.rewards.timeout, critics)
             with timed(times, "advantages"):
                 adv, keep = advantages(a, rewards, samples, r)
             with timed(times, "update"):
@@ -80,7 +84,7 @@ def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) ->
                 if (step + 1) % recipe.sync.parity_every == 0:
                     parity = check_parity(pool, trainers[0], probe, recipe.sync.parity_threshold)
             n = step + 1
-            metrics = {**reward_metrics, **train_metrics, **parity, **times, "sync/seconds": sync_seconds,
+            metrics = {**reward_metrics, **meta, **train_metrics, **parity, **times, "sync/seconds": sync_seconds,
                        "response/length_mean": sum(len(s.response_ids) for s in samples) / len(samples),
                        "perf/rollout_tokens_per_s": sum(len(s.response_ids) for s in samples) / times["time/generate"],
                        "perf/train_tokens_per_s": train_metrics.get("train/tokens", 0) / times["time/update"],
@@ -98,6 +102,8 @@ def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) ->
             if progress is not None:
                 progress(n, t.max_steps, metrics)
     pool.shutdown()
+    for c in critics:
+        c.close()
     if own_ray:
         ray.shutdown()
     return final
@@ -162,9 +168,15 @@ def prompt_ids(tok, ex: Example) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------- phases
-def score(scorer: ScoringPool, samples: list[Sample], examples: list[Example], terms, timeout: float):
+def score(scorer: ScoringPool, samples: list[Sample], examples: list[Example], terms, timeout: float,
+          critics=()):
     rewards = torch.zeros(len(samples))
     metrics: dict[str, float] = {}
+    for c in critics:
+        prompts = [next(m["content"] for m in reversed(ex.messages[:-1]) if m["role"] == "user") for ex in examples]
+        values, failed = c.scores(prompts, [s.text for s in samples], [ex.answer for ex in examples])
+        rewards += values
+        metrics[f"reward/{c.key}/mean"], metrics[f"reward/{c.key}/error"] = float(values.mean()), failed
     for target, weight, name, options in terms:
         verdicts = scorer.map(target, [(s.text, {"answer": ex.answer, **ex.extra}) for s, ex in zip(samples, examples)],
                               timeout, options)

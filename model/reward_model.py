@@ -26,6 +26,9 @@ ARCHITECTURE = "DeepseekV3ForSequenceClassification"
 class DeepseekV3RewardModel(nn.Module):
     def __init__(self, lm: DeepseekV3):
         super().__init__()
+        if lm.args.num_nextn_predict_layers:  # a sequence score has no next tokens to predict
+            lm.model.mtp_layers = nn.ModuleList()
+            lm.args = lm.args.replace(num_nextn_predict_layers=0, mtp_offsets=None)
         self.lm = lm
         self.score = nn.Linear(lm.args.hidden_size, 1, bias=False, dtype=lm.lm_head.weight.dtype,
                                device=lm.lm_head.weight.device)

@@ -193,6 +193,7 @@ JUDGE_TEMPLATE = (
 # Strongest signal first; within a pattern the last match wins (a judge reasons first, then decides).
 _VERDICT_PATTERNS = [
     re.compile(r"\[\[\s*([ab])\s*\]\]", re.I),
+    re.compile(r"output\s*\(\s*([ab])\s*\)\s*[.!]?\s*$", re.I),  # ends on its choice
     re.compile(r"output\s*\(\s*([ab])\s*\)", re.I),
     re.compile(r"\b(?:response|answer|output|assistant)\s+([ab])\b(?=[^.\n]*\b(?:better|best|preferred|wins?)\b)", re.I),
     re.compile(r"(?:verdict|answer|choice|better(?: one)?)\s*(?:is|:)\s*\(?\s*([ab])\b\)?", re.I),
@@ -206,11 +207,20 @@ def parse_verdict(text: str) -> str | None:
     for pattern in _VERDICT_PATTERNS:
         found = [m.group(1).lower() for m in pattern.finditer(text)]
         if found:
-            if len(set(found)) > 1 and pattern is _VERDICT_PATTERNS[1]:
+            if len(set(found)) > 1 and pattern is _VERDICT_PATTERNS[2]:
                 # "Output (a) ... Output (b)" both mentioned: only a statement of preference decides.
                 continue
             return found[-1]
     return None
+
+
+def combine_orders(first: str | None, second: str | None) -> Judgment:
+    """One pair judged with chosen shown as (a), then as (b): verdicts 'a'/'b'/None -> a judgment."""
+    o1 = None if first is None else (1 if first == "a" else -1)
+    o2 = None if second is None else (1 if second == "b" else -1)
+    seen = [o for o in (o1, o2) if o is not None]
+    return Judgment(_sign(sum(seen)) if seen else None, orders=(o1, o2),
+                    detail="" if seen else "unparsable in both orders")
 
 
 class VLLMJudge(Critic):
@@ -244,12 +254,7 @@ class VLLMJudge(Critic):
             chunk = pairs[i: i + self.batch_size]
             first = self._ask([JUDGE_TEMPLATE.format(prompt=p.prompt, a=p.chosen, b=p.rejected) for p in chunk])
             second = self._ask([JUDGE_TEMPLATE.format(prompt=p.prompt, a=p.rejected, b=p.chosen) for p in chunk])
-            for v1, v2 in zip(first, second):
-                o1 = None if v1 is None else (1 if v1 == "a" else -1)
-                o2 = None if v2 is None else (1 if v2 == "b" else -1)
-                seen = [o for o in (o1, o2) if o is not None]
-                out.append(Judgment(_sign(sum(seen)) if seen else None, orders=(o1, o2),
-                                    detail="" if seen else "unparsable in both orders"))
+            out += [combine_orders(v1, v2) for v1, v2 in zip(first, second)]
             if progress:
                 progress(len(chunk))
         return out

@@ -54,6 +54,6 @@ def vllm_engine(served_checkpoint):
     from dspost.rollout.engine import VLLMEngine
 
     path, _ = served_checkpoint
-    engine = VLLMEngine(str(path), max_model_len=256, kv_cache_gb=1)
+    engine = VLLMEngine(str(path), max_model_len=512, kv_cache_gb=1)
     yield engine
     del engine

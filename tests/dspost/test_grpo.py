@@ -13,7 +13,10 @@ pytestmark = pytest.mark.vllm
 
 SMALL = ["data.num_train=64", "data.num_eval=8", "data.difficulty=[1]", "rollout.prompts_per_step=4", "rollout.n=4",
          "rollout.max_tokens=16", "rollout.kv_cache_gb=1", "trainer.eval_every=2", "trainer.save_every=1",
-         "trainer.lr=1e-4", "rollout.resources={rollout_node: 1}", "trainer.resources={trainer_node: 1}"]
+         "trainer.lr=1e-4", "rollout.resources={rollout_node: 1}", "trainer.resources={trainer_node: 1}",
+         # A length critic as a (tiny) second reward, watched by the meta-critic, which gates it out as biased.
+         "rewards.terms=[{name: math}, {name: 'critic:length', weight: 0.001}]",
+         "rewards.meta_critic={policy: gate, every: 2}"]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +59,9 @@ def test_grpo_two_nodes_then_resume(cluster, policy, tmp_path):
                     "reward/math/timeout", "response/length_mean", "moe/load_max_min_ratio"):
             assert key in r, key
         assert r["sync/parity_max_abs"] < 1e-3
+        assert "reward/critic_length/mean" in r
+    assert rows[1]["meta/flagged"] == 1.0 and rows[1]["meta/weight_scale"] == 0.0  # checked at step 0
+    assert "meta/flagged" not in rows[2]  # every 2 steps
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_2"
     log = (out / "run.log").read_text()
     rollout_node, trainer_node = re.search(r"rollout\[0\]@(\w+) trainer\[0\]@(\w+)", log).groups()
