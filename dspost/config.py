@@ -114,6 +114,10 @@ class TrainerSection(Section):
     """Global gradient-norm clip."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Autocast precision of the forward/backward."""
+    quantization: Literal["none", "fp8", "fp4-qat", "fp8+fp4-qat"] = "none"
+    """Low-precision training of our MoE: `fp8` runs the projection and expert GEMMs with FP8 operands (1x128
+    activation tiles, 128x128 weight blocks, fp32 accumulation; master weights stay high precision);
+    `fp4-qat` trains the routed experts through MXFP4 fake quantisation (straight-through gradient)."""
     eval_every: int = Field(50, ge=1)
     """Evaluate on the held-out set every this many steps (and at the end)."""
     save_every: int = Field(100, ge=1)
@@ -223,6 +227,10 @@ class SyncSection(Section):
     """Size of each checksummed weight bucket."""
     parity_every: int = Field(1, ge=1)
     """Compare the engine's logprobs with the trainer's on a fixed probe batch every this many syncs."""
+    quantize: Literal["none", "fp8", "fp8+fp4-experts"] = "none"
+    """Quantise on sync: the trainer keeps fp32/bf16 weights and sends the engines DeepSeek's FP8 format
+    (float8_e4m3fn + `weight_scale_inv` per 128x128 block), optionally with MXFP4 routed experts, bucket by
+    bucket; the engines start from the same format. Needs GPU rollout workers (vLLM's CPU FP8 kernels need AMX)."""
     parity_threshold: float = Field(1e-3, gt=0)
     """Stop the run when the probe's max |logprob difference| exceeds this (nats). vLLM's compiled CPU mode
     matches the trainer to ~1e-6; eager mode drifts up to ~0.1, so raise it with `rollout.enforce_eager`."""
@@ -325,6 +333,16 @@ class GRPORecipe(StageBase):
     """Weight sync and the parity probe."""
     eval: EvalSection = Field(default_factory=EvalSection)
     """Held-out evaluation every `trainer.eval_every` steps."""
+
+    @model_validator(mode="after")
+    def _engine_serves_trainer_precision(self) -> "GRPORecipe":
+        if self.trainer.quantization != "none":
+            raise ValueError("trainer.quantization: low-precision RL training needs an engine serving the same "
+                             "FP8/FP4 weights, and vLLM cannot serve FP8 on CPU; use it in sft or rm stages")
+        if self.sync.quantize != "none" and self.rollout.num_gpus_per_worker == 0:
+            raise ValueError("sync.quantize: vLLM serves FP8 only on GPU rollout workers (its CPU FP8 kernels need "
+                             "AMX); set rollout.num_gpus_per_worker or sync.quantize=none")
+        return self
 
 
 class TeacherSection(Section):

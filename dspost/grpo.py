@@ -129,6 +129,8 @@ def start_pools(recipe: BaseModel, serve_from: str, base_model: str, resume_from
     from dspost.rollout.pool import RolloutPool, WorkerSpec
 
     r, t = recipe.rollout, recipe.trainer
+    if recipe.sync.quantize != "none":  # the engines start as FP8 servers, in the format the syncs will send
+        serve_from = quantized_copy(serve_from, recipe.sync.quantize, Path(recipe.output_dir) / "rollout_weights")
     engine_kwargs = {"dtype": recipe.model.dtype, "memory_fraction": r.memory_fraction,
                      "max_model_len": recipe.data.max_seq_len + r.max_tokens, "enforce_eager": r.enforce_eager,
                      "seed": t.seed, "kv_cache_gb": r.kv_cache_gb,
@@ -136,7 +138,7 @@ def start_pools(recipe: BaseModel, serve_from: str, base_model: str, resume_from
     pool = RolloutPool(r.num_workers, serve_from,
                        WorkerSpec(r.num_cpus_per_worker, r.num_gpus_per_worker, r.num_threads, r.resources), engine_kwargs)
     cfg = {"trainer": recipe.trainer.model_dump(), "algorithm": recipe.algorithm.model_dump(),
-           "model": recipe.model.model_dump()}
+           "model": recipe.model.model_dump(), "quantize": recipe.sync.quantize}
     env = {"OMP_NUM_THREADS": str(t.num_threads)} if t.num_threads else {}
     actor = ray.remote(TrainerWorker).options(num_cpus=t.num_cpus_per_worker, num_gpus=t.num_gpus_per_worker,
                                               resources=t.resources or None, runtime_env={"env_vars": env})
@@ -146,6 +148,13 @@ def start_pools(recipe: BaseModel, serve_from: str, base_model: str, resume_from
     if recipe.sync.transport == "nccl":
         ray.get(trainers[0].connect_weight_transfer.remote(pool.workers, int(recipe.sync.bucket_mb * 2**20)))
     return pool, trainers
+
+
+def quantized_copy(path: str, fmt: str, out: Path) -> str:
+    from dspost.model import from_pretrained, load_tokenizer, save_pretrained
+
+    save_pretrained(from_pretrained(path), out, tokenizer=load_tokenizer(path), quantization=fmt)
+    return str(out)
 
 
 def placement(pool, trainers) -> str:

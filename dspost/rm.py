@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 
 from dspost.data.loading import BadRows
+from dspost.model.quant import apply_training_precision
 from dspost.rundir import RunDir
 from dspost.sft import batch_indices
 from dspost.training import load_training_state, lr_factor
@@ -89,6 +90,7 @@ def run_rm(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> P
     resume_from = run.latest_checkpoint() if recipe.resume else None
     rm = load_reward_model(resume_from if resume_from and not t.lora else model_path, dtype=dtype, init_head_seed=t.seed)
     rm.lm.balance_alpha = m.seq_balance_loss_weight
+    apply_training_precision(rm, t.quantization)
     bias_speed = m.bias_update_speed
     if t.lora is not None:
         rm, bias_speed = _adapt(rm, t.lora, model_path, resume_from), 0.0

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from dspost.data.loading import BadRows, Example
 from dspost.lora import add_adapters, load_adapters, merge_lora, merged
+from dspost.model.quant import apply_training_precision
 from dspost.rundir import RunDir
 from dspost.training import load_training_state, lr_factor, save_training_checkpoint
 
@@ -123,6 +124,7 @@ def run_sft(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> 
     start_step, resume_from = 0, run.latest_checkpoint() if recipe.resume else None
     model = from_pretrained(model_path if t.lora else (resume_from or model_path), dtype=dtype)
     model.mtp_loss_weight, model.balance_alpha = m.mtp_loss_weight, m.seq_balance_loss_weight
+    apply_training_precision(model, t.quantization)
     bias_speed = m.bias_update_speed
     if t.lora is not None:
         model = load_adapters(model, resume_from) if resume_from else add_adapters(model, t.lora, model_path)

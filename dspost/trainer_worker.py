@@ -67,6 +67,7 @@ class TrainerWorker:
         self.trainer = SimpleNamespace(**cfg["trainer"])
         self.algo = SimpleNamespace(**cfg["algorithm"])
         self.model_cfg = SimpleNamespace(**cfg["model"])
+        self.cfg_quantize = cfg.get("quantize", "none")  # weight format sent to the engines (quantise-on-sync)
         if self.trainer.num_threads:
             torch.set_num_threads(self.trainer.num_threads)
         torch.manual_seed(self.trainer.seed + rank)
@@ -175,8 +176,11 @@ class TrainerWorker:
 
     def _checkpoint_tensors(self):
         from dspost.model import hf_tensors
+        from dspost.model.checkpoint import quantize_named
 
-        return hf_tensors(self.model, include_mtp=False)  # vLLM serves no MTP layers here
+        named = hf_tensors(self.model, include_mtp=False)  # vLLM serves no MTP layers here
+        quantize = self.cfg_quantize
+        return quantize_named(named, quantize) if quantize != "none" else named
 
     def publish_weights(self, transport: str, bucket_bytes: int) -> list | None:
         """Object store: the current weights (HF names) in bucket refs. NCCL: pushed to the engines, None."""

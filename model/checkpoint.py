@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dspost.kernels import weight_dequant
+from dspost.kernels import mxfp4_dequant, mxfp4_quant, weight_dequant, weight_quant
 from dspost.model.deepseek_v3 import DeepseekV3, ModelArgs
 
 # stacked expert parameter -> [(per-expert HF leaf, half of the rows or None for all)]
@@ -104,24 +104,66 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def save_pretrained(model: DeepseekV3, path: str | os.PathLike, tokenizer=None,
-                    max_shard_bytes: int = 4 << 30, dtype: torch.dtype | None = None) -> Path:
+                    max_shard_bytes: int = 4 << 30, dtype: torch.dtype | None = None,
+                    quantization: str | None = None) -> Path:
     with atomic_dir(path) as tmp:
-        write_checkpoint(model, tmp, tokenizer, max_shard_bytes, dtype)
+        write_checkpoint(model, tmp, tokenizer, max_shard_bytes, dtype, quantization)
     return Path(path)
 
 
+# ------------------------------------------------------------------------------- quantised weights
+WEIGHT_FORMATS = ("fp8", "fp8+fp4-experts")
+# Kept in high precision in DeepSeek's FP8 checkpoints: embedding, head, router, norms, MTP glue.
+_NOT_FP8 = ("embed_tokens", "lm_head", "mlp.gate.", "norm", "eh_proj", "shared_head")
+
+
+def quantize_named(named: Iterator[tuple[str, torch.Tensor]], fmt: str,
+                   block_size: int = 128) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named tensors in a quantised weight format: `fp8` is DeepSeek-V3's (every projection and expert
+    weight float8_e4m3fn with an fp32 `weight_scale_inv` per 128x128 block); `fp8+fp4-experts` adds
+    DeepSeek-V4's MXFP4 routed experts (E2M1 pairs packed in int8 [out, in/2], low nibble first, and an
+    e8m0 `weight_scale_inv` per 1x32 block). Used for checkpoints and for quantise-on-sync alike."""
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"weight format {fmt!r}: expected one of {WEIGHT_FORMATS}")
+    for name, t in named:
+        if fmt == "fp8+fp4-experts" and _EXPERT_RE.match(name):
+            packed, scales = mxfp4_quant(t.detach().float().contiguous())
+            yield name, packed.view(torch.int8)  # int8 as in DeepSeek-V4's checkpoints
+            yield name + "_scale_inv", scales.view(torch.float8_e8m0fnu)
+        elif (name.endswith(".weight") and t.dim() == 2 and not any(k in name for k in _NOT_FP8)
+              and t.shape[0] % block_size == 0 and t.shape[1] % block_size == 0):
+            # Ragged weights (e.g. V3's 576-row kv_a_proj_with_mqa) stay unquantised: our loader reads ragged
+            # blocks, but transformers' FP8 dequantiser derives the block from the scale grid and refuses them.
+            q, scale_inv = weight_quant(t.detach().float().contiguous(), block_size)
+            yield name, q
+            yield name + "_scale_inv", scale_inv
+        else:
+            yield name, t
+
+
+FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                           "weight_block_size": [128, 128]}
+
+
 def write_checkpoint(model: DeepseekV3, out: Path, tokenizer=None, max_shard_bytes: int = 4 << 30,
-                     dtype: torch.dtype | None = None) -> None:
-    """Write into an existing directory (callers wrap it in `atomic_dir`)."""
+                     dtype: torch.dtype | None = None, quantization: str | None = None) -> None:
+    """Write into an existing directory (callers wrap it in `atomic_dir`); `quantization` is a weight format
+    of `quantize_named`."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     seen: set[int] = set()
-    for name, t in hf_tensors(model):
+    named = hf_tensors(model)
+    if quantization:
+        named = quantize_named(named, quantization)
+    for name, t in named:
         if t.data_ptr() in seen and t.numel():  # the MTP copies of the shared embedding/head
             t = t.clone()
         seen.add(t.data_ptr())
         # The correction bias stays fp32 whatever the model dtype (vLLM and HF keep it fp32).
-        t = t.float() if name.endswith("e_score_correction_bias") else (t.to(dtype) if dtype else t)
+        if name.endswith("e_score_correction_bias"):
+            t = t.float()
+        elif dtype and t.is_floating_point() and t.element_size() > 1:
+            t = t.to(dtype)
         nbytes = t.numel() * t.element_size()
         if size and size + nbytes > max_shard_bytes:
             shards.append({})
@@ -139,6 +181,11 @@ def write_checkpoint(model: DeepseekV3, out: Path, tokenizer=None, max_shard_byt
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     cfg = model.args.to_hf_dict()
     cfg["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).removeprefix("torch.")
+    if quantization:
+        cfg["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+    if quantization == "fp8+fp4-experts":
+        cfg["expert_dtype"] = "fp4"  # DeepSeek-V4's key; vLLM's DeepseekV3 path does not read MXFP4 experts
+        cfg["dspost_vllm_unsupported"] = cfg.get("dspost_vllm_unsupported", []) + ["MXFP4 routed experts"]
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
@@ -177,13 +224,21 @@ def iter_checkpoint(path: str | os.PathLike, block_size: int = 128) -> Iterator[
             for name in sorted(keys):
                 if name.endswith("_scale_inv"):
                     continue
-                t = sf.get_tensor(name)
-                scale_name = name + "_scale_inv"
-                if t.dtype == torch.float8_e4m3fn:
-                    if scale_name not in keys:
-                        raise CheckpointError(f"{f.name}: FP8 tensor {name} has no {scale_name} in the same shard")
-                    t = weight_dequant(t, sf.get_tensor(scale_name), block_size)
-                yield name, t
+                yield name, dequantized(name, sf.get_tensor(name), keys, sf.get_tensor, block_size, f.name)
+
+
+def dequantized(name: str, t: torch.Tensor, keys, get, block_size: int = 128, where: str = "checkpoint") -> torch.Tensor:
+    """A tensor of a quantised weight format (see `quantize_named`) back in fp32; others unchanged."""
+    if t.dtype == torch.float8_e4m3fn:
+        if name + "_scale_inv" not in keys:
+            raise CheckpointError(f"{where}: FP8 tensor {name} has no {name}_scale_inv in the same shard")
+        return weight_dequant(t, get(name + "_scale_inv"), block_size)
+    if t.dtype in (torch.int8, torch.uint8) and name + "_scale_inv" in keys:  # MXFP4: E2M1 pairs + e8m0 scales
+        scale = get(name + "_scale_inv")
+        if scale.dtype != torch.float8_e8m0fnu and scale.dtype != torch.uint8:
+            raise CheckpointError(f"{where}: MXFP4 tensor {name} has {scale.dtype} scales, expected e8m0")
+        return mxfp4_dequant(t.view(torch.uint8), scale.view(torch.uint8))
+    return t
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -219,6 +274,19 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     model.reset_runtime_state()
     model.source_path = str(path)
     return model.eval()
+
+
+def load_named(model: DeepseekV3, named, block_size: int = 128) -> int:
+    """Load HF-named tensors, plain or in a weight format of `quantize_named`, into `model` in place (a
+    receiver of quantise-on-sync); returns how many weights it set."""
+    tensors = dict(named)
+    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    filled: set[str] = set()
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if not name.endswith("_scale_inv"):
+                _load_one(model, targets, name, dequantized(name, t, tensors, tensors.__getitem__, block_size), filled)
+    return len(filled)
 
 
 def _has_layer(path: Path, layer: int) -> bool:
