@@ -58,5 +58,11 @@ def grouped_gemm(x_sorted: torch.Tensor, weights: torch.Tensor, group_sizes):
     return _backend(x_sorted, weights).grouped_gemm(x_sorted, weights, group_sizes)
 
 
-__all__ = ["E2M1_VALUES", "FP8_MAX", "MX_BLOCK", "act_quant", "fp8_gemm", "grouped_gemm", "mxfp4_dequant",
+def fp8_attention(q, k, v, causal: bool = True, sm_scale: float | None = None):
+    """Attention [B, H, S, D] with QK^T and PV in FP8 (per-block scales), blocks whose FP8 scores are not
+    finite recomputed in bf16 -> (out, number of recomputed blocks)."""
+    return _backend(q, k, v).fp8_attention(q, k, v, causal=causal, sm_scale=sm_scale)
+
+
+__all__ = ["E2M1_VALUES", "FP8_MAX", "MX_BLOCK", "act_quant", "fp8_attention", "fp8_gemm", "grouped_gemm", "mxfp4_dequant",
            "mxfp4_fake_quant", "mxfp4_gemm", "mxfp4_quant", "reference", "weight_dequant", "weight_quant"]

@@ -6,6 +6,8 @@ ragged edge blocks are scaled over their real elements. Activations: one scale p
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FP8_MAX = 448.0
@@ -138,3 +140,60 @@ def grouped_gemm(x_sorted: torch.Tensor, weights: torch.Tensor, group_sizes: tor
             torch.mm(x_sorted[start: start + n], weights[e].T, out=out[start: start + n])
         start += n
     return out
+
+
+# ------------------------------------------------------------------------------------ FP8 attention
+def _fp8_block(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block quantised with one scale (amax/448); returns the dequantised block and whether it was finite."""
+    amax = x.abs().amax()
+    scale = amax.clamp(min=1e-12) / FP8_MAX
+    q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.float() * scale, bool(torch.isfinite(amax))
+
+
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).float()
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, block_m: int = 64,
+                  block_n: int = 64, sm_scale: float | None = None) -> tuple[torch.Tensor, int]:
+    """Softmax attention with QK^T and PV in FP8: q [B, H, S, D], k [B, H, S, D], v [B, H, S, Dv] -> (out, fallbacks).
+
+    Flash-style over key blocks with an online softmax. Each q, k and v block is quantised to e4m3 with its
+    own scale (descaled after the fp32-accumulated product); the probabilities P (in [0, 1]) use the fixed
+    scale 1/448. A block pair whose FP8 scores are not finite (a non-finite or overflowing q or k block: its
+    scale then spreads NaN over the whole block) is recomputed from bf16-rounded inputs; `fallbacks` counts
+    those blocks. So one bad key poisons only the queries that attend to it, as in exact attention, not its
+    whole block. (A non-finite value poisons PV in any precision, so PV has no fallback.)"""
+    B, H, S, D = q.shape
+    scale = sm_scale if sm_scale is not None else D ** -0.5
+    out = torch.empty(B, H, S, v.shape[-1], dtype=torch.float32, device=q.device)
+    fallbacks = 0
+    for b in range(B):
+        for h in range(H):
+            for i in range(0, S, block_m):
+                qi = q[b, h, i: i + block_m].float()
+                qd, q_ok = _fp8_block(qi)
+                m = torch.full((qi.shape[0],), -math.inf, device=q.device)
+                l = torch.zeros(qi.shape[0], device=q.device)
+                acc = torch.zeros(qi.shape[0], v.shape[-1], device=q.device)
+                for j in range(0, (i + qi.shape[0]) if causal else S, block_n):
+                    kj, vj = k[b, h, j: j + block_n].float(), v[b, h, j: j + block_n].float()
+                    kd, k_ok = _fp8_block(kj)
+                    s = qd @ kd.T
+                    if not (q_ok and k_ok and torch.isfinite(s).all()):
+                        s, fallbacks = _bf16(qi) @ _bf16(kj).T, fallbacks + 1
+                    s = s * scale
+                    if causal:
+                        rows = torch.arange(i, i + qi.shape[0], device=q.device)[:, None]
+                        s = s.masked_fill(torch.arange(j, j + kj.shape[0], device=q.device)[None, :] > rows, -math.inf)
+                    m_new = torch.maximum(m, s.amax(-1))
+                    alpha = torch.where(m == -math.inf, 0.0, torch.exp(m - m_new))  # nothing accumulated yet
+                    p = torch.exp(s - m_new[:, None])
+                    l = l * alpha + p.sum(-1)
+                    vd, _ = _fp8_block(vj)
+                    pd = (p * FP8_MAX).to(torch.float8_e4m3fn).float() / FP8_MAX
+                    acc = acc * alpha[:, None] + pd @ vd
+                    m = m_new
+                out[b, h, i: i + block_m] = acc / l[:, None]
+    return out.to(q.dtype), fallbacks

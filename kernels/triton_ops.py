@@ -312,3 +312,80 @@ def grouped_gemm(x_sorted: torch.Tensor, weights: torch.Tensor, group_sizes, blo
     _grouped_gemm_kernel[grid](x_sorted, weights, y, meta[0], meta[1], meta[2], N, K,
                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return y
+
+
+# ---------------------------------------------------------------------------------- FP8 attention
+@triton.jit
+def _fp8_block(x):
+    """(x quantised to e4m3 with one scale, the scale, whether the block was finite)."""
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    scale = tl.maximum(amax, 1e-12) / 448.0
+    ok = amax < float("inf")  # False for inf and NaN
+    q = _round_e4m3(tl.clamp(x / scale, -448.0, 448.0)).to(tl.float8e4nv)
+    return q, scale, ok
+
+
+@triton.jit
+def _bf16(x):
+    """x rounded to bf16 (nearest, ties to even) but kept in fp32: an fp32 product of such values is the bf16
+    product with fp32 accumulation. Rounded with integer ops, the same on every backend (Triton's CPU
+    interpreter truncates in its bf16 cast)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp8_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, fallback_ptr, S, sm_scale, CAUSAL: tl.constexpr,
+                          D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pm, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    rd, rdv = tl.arange(0, D), tl.arange(0, DV)
+    q = tl.load(q_ptr + bh * S * D + rm[:, None] * D + rd[None, :], mask=rm[:, None] < S, other=0.0).to(tl.float32)
+    q8, q_s, q_ok = _fp8_block(q)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, DV), tl.float32)
+    hi = tl.minimum((pm + 1) * BLOCK_M, S) if CAUSAL else S
+    for start in range(0, hi, BLOCK_N):
+        rn = start + tl.arange(0, BLOCK_N)
+        k = tl.load(k_ptr + bh * S * D + rn[:, None] * D + rd[None, :], mask=rn[:, None] < S, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + bh * S * DV + rn[:, None] * DV + rdv[None, :], mask=rn[:, None] < S, other=0.0).to(tl.float32)
+        k8, k_s, k_ok = _fp8_block(k)
+        s = tl.dot(q8, tl.trans(k8), out_dtype=tl.float32) * (q_s * k_s)
+        bad = tl.sum(tl.sum((tl.abs(s) >= float("inf")) | (s != s), axis=1).to(tl.int32), axis=0)
+        if (bad > 0) | (not q_ok) | (not k_ok):
+            s = tl.dot(_bf16(q), tl.trans(_bf16(k)), out_dtype=tl.float32)
+            tl.atomic_add(fallback_ptr, 1)
+        s = s * sm_scale
+        keep = rn[None, :] < S
+        if CAUSAL:
+            keep = keep & (rn[None, :] <= rm[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - m_new))
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v8, v_s, _ = _fp8_block(v)
+        p8 = _round_e4m3(p * 448.0).to(tl.float8e4nv)
+        acc = acc * alpha[:, None] + tl.dot(p8, v8, out_dtype=tl.float32) * (v_s / 448.0)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + bh * S * DV + rm[:, None] * DV + rdv[None, :], out.to(o_ptr.dtype.element_ty), mask=rm[:, None] < S)
+
+
+def fp8_attention(q, k, v, causal: bool = True, block_m: int = 64, block_n: int = 64, sm_scale: float | None = None):
+    """See `reference.fp8_attention`; returns (out, fallbacks)."""
+    _check(q, k, v)
+    B, H, S, D = q.shape
+    DV = v.shape[-1]
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"fp8_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
+    if D & (D - 1) or DV & (DV - 1) or D < 16 or DV < 16:
+        raise ValueError(f"fp8_attention: head dims must be powers of two >= 16, got {D} and {DV}")
+    o = torch.empty(B, H, S, DV, dtype=q.dtype, device=q.device)
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device)
+    grid = (triton.cdiv(S, block_m), B * H)
+    _fp8_attention_kernel[grid](q, k, v, o, counter, S, sm_scale if sm_scale is not None else D ** -0.5,
+                                CAUSAL=causal, D=D, DV=DV, BLOCK_M=block_m, BLOCK_N=block_n)
+    return o, int(counter.item())

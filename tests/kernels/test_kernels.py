@@ -157,3 +157,41 @@ def test_cpu_tensors_dispatch_to_the_reference():
     q, s = kernels.act_quant(x)
     q_ref, s_ref = ref.act_quant(x)
     assert torch.equal(q.float(), q_ref.float()) and torch.equal(s, s_ref)
+
+
+def qkv(seed, shape=(1, 2, 100, 32)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for _ in range(3)]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fp8_attention_reference_is_attention(seed, causal):
+    q, k, v = qkv(seed)
+    out, fallbacks = kernels.fp8_attention(q, k, v, causal=causal)
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert fallbacks == 0
+    assert (out - exact).abs().mean() < 0.02 and (out - exact).abs().max() < 0.3, f"seed {seed}"  # FP8 error
+
+
+def test_fp8_attention_falls_back_per_block(seed):
+    q, k, v = qkv(seed)
+    k[0, 0, 40, 3] = float("inf")  # one bad key in head 0's second 32-key block
+    out, fallbacks = ref.fp8_attention(q, k, v, block_m=32, block_n=32)
+    assert fallbacks == 3  # query blocks 2, 3 and 4 meet that key block
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out.isnan(), exact.isnan())  # NaN exactly where exact attention has it
+    rows = slice(32, 40)  # same block as the bad key, before it: rescued by the bf16 recompute
+    assert torch.isfinite(out[0, 0, rows]).all() and (out[0, 0, rows] - exact[0, 0, rows]).abs().max() < 0.3
+    assert torch.isfinite(out[0, 1]).all()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets the planted inf
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_fp8_attention(triton_ops, device, seed, causal):
+    q, k, v = qkv(seed)
+    if causal:
+        k[0, 0, 40, 3] = float("inf")
+    got, n = triton_ops.fp8_attention(*(t.to(device) for t in (q, k, v)), causal=causal, block_m=32, block_n=32)
+    want, n_ref = ref.fp8_attention(q, k, v, causal=causal, block_m=32, block_n=32)
+    assert n == n_ref
+    torch.testing.assert_close(got.cpu(), want, equal_nan=True, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
