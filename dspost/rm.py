@@ -19,7 +19,7 @@ from dspost.data.loading import BadRows
 from dspost.model.quant import apply_training_precision
 from dspost.rundir import RunDir
 from dspost.sft import batch_indices
-from dspost.training import load_training_state, lr_factor
+from dspost.training import optimizer_and_start, set_lr
 
 
 def tokenize_pairs(pairs, tok, max_len: int, bad: BadRows, offset: int = 0) -> list[tuple[list[int], list[int]]]:
@@ -95,13 +95,8 @@ def run_rm(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> P
     if t.lora is not None:
         rm, bias_speed = _adapt(rm, t.lora, model_path, resume_from), 0.0
     rm.train()
-    params = [p for p in rm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    start = 0
-    if resume_from is not None:
-        start = load_training_state(resume_from, opt)["step"]
-        run.truncate_metrics(start)
-        run.log.info("resumed from %s at step %d", resume_from, start)
+    opt, start = optimizer_and_start(rm, t, run, resume_from)
+    params = [p for group in opt.param_groups for p in group["params"]]
 
     micro = t.batch_size // t.grad_accum
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.precision == "bf16")
@@ -109,8 +104,7 @@ def run_rm(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> P
     final = None
     for step in range(start, t.max_steps):
         t0 = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        set_lr(opt, t, step)
         idx = batch_indices(len(train), t.batch_size, step, t.seed)
         loss_sum, margins = 0.0, []
         for j in range(t.grad_accum):

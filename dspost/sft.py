@@ -19,7 +19,7 @@ from dspost.data.loading import BadRows, Example
 from dspost.lora import add_adapters, load_adapters, merge_lora, merged
 from dspost.model.quant import apply_training_precision
 from dspost.rundir import RunDir
-from dspost.training import load_training_state, lr_factor, save_training_checkpoint
+from dspost.training import optimizer_and_start, save_training_checkpoint, set_lr
 
 
 @dataclass
@@ -121,7 +121,7 @@ def run_sft(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> 
     run.log.info("data: %d train, %d held-out samples; bad rows: %s", len(train), len(held_out), bad.summary())
 
     dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
-    start_step, resume_from = 0, run.latest_checkpoint() if recipe.resume else None
+    resume_from = run.latest_checkpoint() if recipe.resume else None
     model = from_pretrained(model_path if t.lora else (resume_from or model_path), dtype=dtype)
     model.mtp_loss_weight, model.balance_alpha = m.mtp_loss_weight, m.seq_balance_loss_weight
     apply_training_precision(model, t.quantization)
@@ -132,20 +132,15 @@ def run_sft(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> 
         run.log.info("LoRA: %d trainable of %d parameters; router bias updates off",
                      sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    if resume_from is not None:
-        start_step = load_training_state(resume_from, opt)["step"]
-        run.truncate_metrics(start_step)
-        run.log.info("resumed from %s at step %d", resume_from, start_step)
+    opt, start_step = optimizer_and_start(model, t, run, resume_from)
+    params = [p for group in opt.param_groups for p in group["params"]]
 
     micro = t.batch_size // t.grad_accum
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.precision == "bf16")
     final = None
     for step in range(start_step, t.max_steps):
         t0 = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        set_lr(opt, t, step)
         idx = batch_indices(len(train), t.batch_size, step, t.seed)
         sums = {"loss": 0.0, "lm": 0.0, "mtp": 0.0}
         tokens = 0

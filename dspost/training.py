@@ -37,3 +37,21 @@ def load_training_state(path: Path, optimizer) -> dict:
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     return state
+
+
+def optimizer_and_start(model, t, run, resume_from: Path | None) -> tuple[torch.optim.Optimizer, int]:
+    """AdamW over the trainable parameters, restored (with the RNG and the metrics file) when resuming;
+    returns it and the step to continue from."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    if resume_from is None:
+        return opt, 0
+    start = load_training_state(resume_from, opt)["step"]
+    run.truncate_metrics(start)
+    run.log.info("resumed from %s at step %d", resume_from, start)
+    return opt, start
+
+
+def set_lr(opt: torch.optim.Optimizer, t, step: int) -> None:
+    for g in opt.param_groups:
+        g["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)

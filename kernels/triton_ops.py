@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dspost.kernels.reference import FP8_MAX, MX_BLOCK
+from dspost.kernels.reference import MX_BLOCK
 
 
 def _check(*tensors: torch.Tensor) -> None:

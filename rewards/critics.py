@@ -230,9 +230,10 @@ class VLLMJudge(Critic):
 
     pairwise = True
 
-    def __init__(self, engine, tokenizer, max_tokens: int = 32, name: str = "judge"):
+    def __init__(self, engine, tokenizer, max_tokens: int = 32, name: str = "judge", max_prompt_tokens: int | None = None):
         self.engine, self.tokenizer, self.max_tokens, self.name = engine, tokenizer, max_tokens, name
-        self.unparsable = 0
+        self.max_prompt_tokens = max_prompt_tokens
+        self.unparsable = self.too_long = 0
 
     def _ask(self, prompts: list[str]) -> list[str | None]:
         from dspost.rollout.engine import SamplingConfig
@@ -241,11 +242,15 @@ class VLLMJudge(Critic):
                                                        add_generation_prompt=True, return_dict=True)["input_ids"])
                if getattr(self.tokenizer, "chat_template", None) else list(self.tokenizer(p)["input_ids"])
                for p in prompts]
-        samples = self.engine.generate(ids, SamplingConfig(n=1, temperature=0.0, max_tokens=self.max_tokens),
-                                       version=0, seed=0)
-        samples.sort(key=lambda s: s.prompt_index)
-        verdicts = [parse_verdict(self.tokenizer.decode(s.response_ids, skip_special_tokens=True)) for s in samples]
-        self.unparsable += sum(v is None for v in verdicts)
+        # A prompt longer than the engine takes is not judged (no judgment), never silently truncated.
+        fits = [i for i, p in enumerate(ids) if self.max_prompt_tokens is None or len(p) <= self.max_prompt_tokens]
+        self.too_long += len(ids) - len(fits)
+        sampling = SamplingConfig(n=1, temperature=0.0, max_tokens=self.max_tokens)
+        samples = self.engine.generate([ids[i] for i in fits], sampling, version=0, seed=0) if fits else []
+        verdicts: list[str | None] = [None] * len(ids)
+        for s in samples:
+            verdicts[fits[s.prompt_index]] = parse_verdict(self.tokenizer.decode(s.response_ids, skip_special_tokens=True))
+        self.unparsable += sum(verdicts[i] is None for i in fits)
         return verdicts
 
     def compare(self, pairs, progress=None):
@@ -272,7 +277,8 @@ def make_critic(spec: str, batch_size: int = 16, max_length: int = 1024, **optio
         from dspost.model import load_tokenizer
         from dspost.rollout.engine import VLLMEngine
 
-        return VLLMJudge(VLLMEngine(rest, max_model_len=max_length + 64), load_tokenizer(rest), name=spec)
+        return VLLMJudge(VLLMEngine(rest, max_model_len=max_length + 64), load_tokenizer(rest), name=spec,
+                         max_prompt_tokens=max_length)
     if Path(spec).is_dir():
         if not (Path(spec) / "config.json").is_file():
             raise ValueError(f"critic {spec}: directory has no config.json (not a model checkpoint)")

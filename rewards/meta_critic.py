@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from dspost.rewards.critics import Critic, Judgment, LengthCorrected, Pair
-from dspost.rewards.judging import bootstrap_ci, pair_metrics, sign_test_p, wilson_ci
+from dspost.rewards.judging import pair_metrics, sign_test_p, wilson_ci
 
 SHIPPED_REFERENCE = Path(__file__).resolve().parent / "data" / "critic_reference.jsonl"
 

@@ -99,13 +99,19 @@ def detect_format(row: dict[str, Any], fmt: str, columns: dict[str, str]) -> str
                     f"set data.format or map columns with data.columns")
 
 
+def column(row: dict[str, Any], columns: dict[str, str], name: str, required: bool = True) -> Any:
+    """The row's value for our column `name` (renamed by `data.columns`); a missing or blank required one is a
+    bad row."""
+    key = columns.get(name, name)
+    value = row.get(key)
+    if required and (value is None or (isinstance(value, str) and not value.strip())):
+        raise BadRow(f"missing or empty '{key}'")
+    return value
+
+
 def to_example(row: dict[str, Any], fmt: str, columns: dict[str, str]) -> Example:
     def col(name: str, required: bool = True) -> Any:
-        key = columns.get(name, name)
-        value = row.get(key)
-        if required and (value is None or (isinstance(value, str) and not value.strip())):
-            raise BadRow(f"missing or empty '{key}'")
-        return value
+        return column(row, columns, name, required)
 
     if fmt == "chat":
         msgs = col("messages")

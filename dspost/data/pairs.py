@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from dspost.data import synthetic_math
-from dspost.data.loading import BadRow, BadRows, DataError, read_rows
+from dspost.data.loading import BadRow, BadRows, DataError, column, read_rows
 from dspost.rewards.critics import Pair
 
 PAIR_COLUMNS = {
@@ -40,11 +40,7 @@ def detect_pair_format(row: dict[str, Any], fmt: str, columns: dict[str, str]) -
 
 def to_pair(row: dict[str, Any], fmt: str, columns: dict[str, str]) -> Pair:
     def col(name: str, required: bool = True) -> Any:
-        key = columns.get(name, name)
-        value = row.get(key)
-        if required and (value is None or (isinstance(value, str) and not value.strip())):
-            raise BadRow(f"missing or empty '{key}'")
-        return value
+        return column(row, columns, name, required)
 
     extra = {"category": col("category", False), "answer": col("answer", False)}
     extra = {k: (str(v) if v is not None else None) for k, v in extra.items()}

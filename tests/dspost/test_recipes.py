@@ -47,6 +47,17 @@ CASES = [
     ("greedy group", "kind: grpo\nrollout:\n  n: 4\n  temperature: 0\n", [], "rollout: n=4 samples per prompt need temperature > 0"),
     ("greedy eval samples", "kind: grpo\neval:\n  n: 4\n", [], "eval: n=4 samples per problem need temperature > 0"),
     ("missing reference set", "kind: eval_rm\nreference: /nonexistent/ref.jsonl\n", [], "reference: no such file"),
+    ("missing critic dir", "kind: eval_rm\ncritic: /nonexistent/rm\n", [], "critic: /nonexistent/rm: no such checkpoint"),
+    ("unknown rule critic", "kind: eval_rm\ncritic: rule:nope\n", [], "critic: unknown rule 'nope'"),
+    ("non-pair data format", "kind: eval_rm\ndata:\n  format: xml\n", [], "data.format"),
+    ("meta-critic without a critic term", "kind: grpo\nrewards:\n  meta_critic: {policy: gate}\n", [],
+     "meta_critic: needs a critic term"),
+    ("meta-critic bad policy", "kind: grpo\nrewards:\n  terms: [{name: 'critic:length'}]\n  meta_critic: {policy: drop}\n",
+     [], "rewards.meta_critic.policy"),
+    ("judge as a reward term", "kind: grpo\nrewards:\n  terms: [{name: 'critic:judge:/x'}]\n", [], "cannot score one"),
+    ("unknown training precision", "kind: sft\ntrainer:\n  quantization: int4\n", [], "trainer.quantization"),
+    ("fp8 RL on CPU engines", "kind: grpo\ntrainer:\n  quantization: fp8\n", [], "trainer.quantization: low-precision RL"),
+    ("quantise-on-sync on CPU engines", "kind: grpo\nsync:\n  quantize: fp8\n", [], "sync.quantize: vLLM serves FP8 only"),
 ]
 
 

@@ -25,3 +25,15 @@ def test_vllm_judge_asks_both_orders(vllm_engine):
     assert metrics["position_bias"]["unparsable"] == unparsable == judge.unparsable
     assert metrics["failed"] == sum(j.orders == (None, None) for j in judgments)
     assert judge.compare(pairs) == judgments  # greedy: the same verdicts again
+
+
+def test_vllm_judge_does_not_truncate_long_prompts(vllm_engine):
+    from dspost.data.synthetic_math import corpus
+    from dspost.model import build_tokenizer
+
+    tok = build_tokenizer(corpus(), 1024)
+    pairs = [Pair("What is 2 + 2?", "4", "5"), Pair("Explain. " * 100, "a", "b")]
+    judge = VLLMJudge(vllm_engine, tok, max_tokens=4, max_prompt_tokens=300)
+    judgments = judge.compare(pairs)
+    assert judge.too_long == 2  # the long pair, in both orders
+    assert judgments[1].preference is None and judgments[1].orders == (None, None)
