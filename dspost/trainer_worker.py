@@ -81,6 +81,10 @@ class TrainerWorker:
         # Ray exposes a GPU to this actor only when it asked for one (trainer.num_gpus_per_worker).
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.model = from_pretrained(resume_from or model_path, dtype=dtype).to(self.device).train()
+        if self.device.type == "cuda":  # one-launch Triton grouped GEMM for the routed experts
+            from dspost.model.quant import use_grouped_gemm
+
+            use_grouped_gemm(self.model)
         self.tokenizer = load_tokenizer(model_path)
         self.ref = from_pretrained(model_path, dtype=dtype).to(self.device).eval() if self.algo.kl_beta > 0 else None
         self.transport = None  # set by connect_weight_transfer (NCCL); the object store needs no state

@@ -112,3 +112,43 @@ def apply_training_precision(model: nn.Module, mode: str) -> nn.Module:
             base = fp8_grouped_mm if fp8_ok else RoutedExperts.grouped_mm
             module.grouped_mm = _experts_mm(base, fp4)
     return model
+
+
+# ------------------------------------------------------------------------------- grouped GEMM kernel
+class _KernelGroupedMM(torch.autograd.Function):
+    """The routed experts' products through a one-launch grouped GEMM (`gemm`: dspost.kernels.grouped_gemm,
+    Triton on CUDA): forward and input gradient as grouped GEMMs, weight gradient per expert."""
+
+    @staticmethod
+    def forward(ctx, x_ND, w_EOD, counts, gemm):
+        ctx.save_for_backward(x_ND, w_EOD)
+        ctx.counts, ctx.gemm = counts, gemm
+        return gemm(x_ND.contiguous(), w_EOD.contiguous(), counts)
+
+    @staticmethod
+    def backward(ctx, g_NO):
+        x_ND, w_EOD = ctx.saved_tensors
+        g_NO = g_NO.contiguous()
+        gx = ctx.gemm(g_NO, w_EOD.transpose(1, 2).contiguous(), ctx.counts) if ctx.needs_input_grad[0] else None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gw = torch.zeros_like(w_EOD)
+            start = 0
+            for e, n in enumerate(ctx.counts):
+                if n:
+                    torch.mm(g_NO[start: start + n].t(), x_ND[start: start + n], out=gw[e])
+                start += n
+        return gx, gw, None, None
+
+
+def use_grouped_gemm(model: nn.Module, gemm=None) -> nn.Module:
+    """Route every routed-expert product of `model` through a grouped GEMM (default: `dspost.kernels.
+    grouped_gemm`, which is Triton on CUDA and the reference elsewhere), in place. Trainers call it for CUDA
+    models; on the CPU the model's own per-expert path is as fast."""
+    from dspost.model.deepseek_v3 import RoutedExperts
+
+    gemm = gemm or kernels.grouped_gemm
+    for module in model.modules():
+        if isinstance(module, RoutedExperts):
+            module.grouped_mm = lambda x, w, counts: _KernelGroupedMM.apply(x, w, counts, gemm)
+    return model

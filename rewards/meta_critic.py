@@ -129,6 +129,8 @@ def assess(critic: Critic, reference: Sequence[Pair] | None = None, th: Threshol
     return {"critic": critic.name, "n": len(reference), "slices": slices, "length_bias": gap,
             "accuracy": overall["accuracy"], "accuracy_ci": overall["accuracy_ci"],
             "biased_slices": biased, "flagged": bool(biased) or biased_length,
+            # The same bias estimates as an eval-rm report, on the reference pairs.
+            "estimates": {k: overall[k] for k in ("length_bias", "position_bias", "ece", "ties", "failed") if k in overall},
             "thresholds": th.__dict__}
 
 
