@@ -21,15 +21,38 @@ def math_reward(response: str, example: dict) -> Verdict:
     return verify_math(response, str(example["answer"]))
 
 
-_THINK_ANSWER = re.compile(r"^\s*<think>.*?</think>\s*\S", re.S)
+_THINK = re.compile(r"^\s*<think>(.*?)</think>(.*)$", re.S)
 
 
-def format_reward(response: str, example: dict) -> Verdict:
-    """1 when the response carries a \\boxed{} answer (after a closed <think> block if one is opened)."""
-    if "<think>" in response and not _THINK_ANSWER.match(response):
-        return Verdict(0.0, "wrong", None, "unclosed or empty <think> block")
-    ok = "\\boxed{" in response
-    return Verdict(1.0 if ok else 0.0, "correct" if ok else "wrong", None)
+def format_reward(response: str, example: dict, think: str = "optional", boxed: bool = True, min_chars: int = 0,
+                  max_chars: int | None = None) -> Verdict:
+    """1 when the response has the asked-for structure, else 0 with the failed checks in `detail`.
+
+    `think`: "required" (it opens with a closed, non-empty <think>...</think>), "optional" (a <think> it
+    opens must be closed and non-empty), "forbidden" (no <think>). The answer is what follows </think> (or
+    the whole response): it must be non-empty, hold a \\boxed{} when `boxed`, and have between `min_chars`
+    and `max_chars` characters."""
+    if think not in ("required", "optional", "forbidden"):
+        return Verdict(0.0, "error", None, f"format reward: think={think!r} is not required, optional or forbidden")
+    failed = []
+    m = _THINK.match(response)
+    opened = "<think>" in response
+    if opened and (m is None or not m[1].strip()):
+        failed.append("unclosed or empty <think> block")
+    if think == "required" and m is None and not failed:
+        failed.append("no <think> block")
+    if think == "forbidden" and opened:
+        failed.append("<think> block not allowed")
+    answer = (m[2] if m else response).strip()
+    if not answer:
+        failed.append("no answer after the thinking")
+    if boxed and "\\boxed{" not in answer:
+        failed.append("no \\boxed{} answer")
+    if len(answer) < min_chars:
+        failed.append(f"answer shorter than {min_chars} characters")
+    if max_chars is not None and len(answer) > max_chars:
+        failed.append(f"answer longer than {max_chars} characters")
+    return Verdict(0.0 if failed else 1.0, "wrong" if failed else "correct", None, "; ".join(failed))
 
 
 def code_reward(response: str, example: dict, partial: bool = False, timeout: float = 4.0) -> Verdict:
