@@ -45,10 +45,29 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> BaseModel:
     kind = raw.get("kind")
     if kind not in RECIPE_KINDS:
         raise RecipeError(f"{source}: kind: must be one of {sorted(RECIPE_KINDS)}, got {kind!r}")
+    raw = _with_kind_defaults(raw)
     try:
         return RECIPE_KINDS[kind].model_validate(raw)
     except ValidationError as e:
         raise RecipeError(f"{source}: {_first_error(e)}") from None
+
+
+def _with_kind_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """Under the recipe's own fields, the defaults a stage kind gives its sections (GRPO's trainer has lr 1e-5,
+    not the trainer's 1e-3): pydantic would rebuild a partly given section from the section's class defaults."""
+    cls = RECIPE_KINDS.get(raw.get("kind"))
+    if cls is None:
+        return raw
+    out = dict(raw)
+    for name, field in cls.model_fields.items():
+        if field.default_factory is None or not isinstance(out.get(name), dict):
+            continue
+        default = field.default_factory()
+        if isinstance(default, BaseModel):
+            out[name] = {**default.model_dump(exclude_unset=True), **out[name]}
+    if isinstance(out.get("stages"), list):
+        out["stages"] = [_with_kind_defaults(st) if isinstance(st, dict) else st for st in out["stages"]]
+    return out
 
 
 def _first_error(e: ValidationError) -> str:

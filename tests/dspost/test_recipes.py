@@ -134,3 +134,12 @@ def test_help_for_each_command(capsys):
             main(cmd)
         assert e.value.code == 0
     assert "dry-run" in capsys.readouterr().out
+
+
+def test_a_partly_overridden_section_keeps_the_kinds_defaults(tmp_path):
+    recipe = tmp_path / "g.yaml"
+    recipe.write_text("kind: grpo\ntrainer:\n  num_cpus_per_worker: 1\n")
+    loaded = load_recipe(recipe, ["trainer.max_steps=5"])
+    assert loaded.trainer.lr == 1e-5 and loaded.trainer.eval_every == 10  # GRPO's defaults
+    assert loaded.trainer.max_steps == 5 and loaded.trainer.num_cpus_per_worker == 1
+    assert load_recipe(recipe, ["trainer.lr=0.1"]).trainer.lr == 0.1  # the recipe's own value wins
