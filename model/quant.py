@@ -1,11 +1,9 @@
 """Low-precision training modes, applied around the network (which itself knows nothing of them).
 
-`fp8`: DeepSeek-V3's mixed-precision scheme for the forward GEMMs. Every MLA projection, dense/shared-expert
-SwiGLU projection and routed expert computes with FP8 e4m3 operands: activations quantised per 1x128 tile,
-weights per 128x128 block, fp32 accumulation (`dspost.kernels.fp8_gemm`). Master weights, optimizer state,
-embedding, output head, router, norms and attention stay in the working precision. Gradients are computed in
-the working precision from the same quantised operands (straight-through to the master weights); DeepSeek-V3
-also runs the backward GEMMs in FP8, which this mode does not yet do.
+`fp8`: DeepSeek-V3's mixed-precision scheme. Every MLA projection, dense/shared-expert SwiGLU projection and
+routed expert computes with FP8 e4m3 operands, in the forward and in both backward GEMMs: activations quantised
+per 1x128 tile, weights per 128x128 block, fp32 accumulation (`dspost.kernels.fp8_gemm`). Master weights,
+optimizer state, embedding, output head, router, norms and attention stay in the working precision.
 
 `fp4-qat`: DeepSeek-V4's quantisation-aware training of the routed experts: the forward uses the expert
 weights rounded through MXFP4 (E2M1 values, one power-of-two scale per 32 inputs), the gradient passes
@@ -30,7 +28,14 @@ def _dequant_act(q: torch.Tensor, s: torch.Tensor, dtype) -> torch.Tensor:
 
 
 class _Fp8Matmul(torch.autograd.Function):
-    """y = x W^T with both operands in FP8 (fp32 accumulation); backward through the quantised operands."""
+    """y = x W^T with both operands in FP8, and the two backward GEMMs in FP8 too (DeepSeek-V3's Fprop, Dgrad
+    and Wgrad), all with fp32 accumulation.
+
+    Dgrad dx = g W: g quantised per 1x128 tile along the outputs, W^T keeping W's 128x128 block scales
+    (a square block transposes onto itself). Wgrad dW = g^T x over the tokens: g^T per 1x128 tile along the
+    tokens, the saved FP8 x transposed and requantised per 128x128 block (tokens zero-padded to a multiple of
+    128). A GEMM whose reduction width is not a multiple of 128 falls back to the working precision on the
+    dequantised operands."""
 
     @staticmethod
     def forward(ctx, x2d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -43,9 +48,18 @@ class _Fp8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         xq, xs, wq, ws = ctx.saved_tensors
-        w_deq = kernels.weight_dequant(wq, ws, dtype=ctx.dtype)
-        x_deq = _dequant_act(xq, xs, ctx.dtype)
-        return g @ w_deq, g.T @ x_deq
+        g = g.contiguous()
+        if g.shape[1] % 128 == 0:
+            gq, gs = kernels.act_quant(g)
+            dx = kernels.fp8_gemm(gq, gs, wq.t().contiguous(), ws.t().contiguous(), out_dtype=ctx.dtype)
+        else:
+            dx = g @ kernels.weight_dequant(wq, ws, dtype=ctx.dtype)
+        pad = -g.shape[0] % 128
+        gT = torch.nn.functional.pad(g.t().float(), (0, pad)).contiguous()
+        xT = torch.nn.functional.pad(_dequant_act(xq, xs, torch.float32).t(), (0, pad)).contiguous()
+        (gTq, gTs), (xTq, xTs) = kernels.act_quant(gT), kernels.weight_quant(xT)
+        dw = kernels.fp8_gemm(gTq, gTs, xTq, xTs, out_dtype=ctx.dtype)
+        return dx, dw
 
 
 def fp8_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
