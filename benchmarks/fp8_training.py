@@ -2,7 +2,7 @@
 the same seed and data order — fp32, `trainer.quantization=fp8`, `trainer.quantization=fp4-qat` — and the
 loss curves compared (DeepSeek-V3 reports FP8 training within 0.25% relative loss of BF16).
 
-    python benchmarks/fp8_training.py --steps 300 --out runs/fp8_training
+    python benchmarks/fp8_training.py --steps 300 --seed 0 --out runs/fp8_training/seed0
 """
 
 from __future__ import annotations
@@ -26,19 +26,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", default="runs/fp8_training")
     ap.add_argument("--window", type=int, default=20, help="average the training loss over the last N steps")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     out = Path(args.out)
     for mode in MODES:
         run = out / mode
         if not (run / "checkpoints" / "latest").is_file():
             subprocess.run([sys.executable, "-m", "dspost", "run", str(RECIPE), f"output_dir={run}",
-                            f"trainer.quantization={mode}", f"trainer.max_steps={args.steps}",
+                            f"trainer.quantization={mode}", f"trainer.max_steps={args.steps}", f"trainer.seed={args.seed}",
                             f"trainer.eval_every={args.steps // 3}", f"trainer.save_every={args.steps}"], check=True)
     rows = {mode: losses(out / mode) for mode in MODES}
     last = range(args.steps - args.window + 1, args.steps + 1)
     base_train = sum(rows["none"][s]["train/loss"] for s in last) / args.window
     base_eval = rows["none"][args.steps]["eval/loss"]
-    print(f"tiny-math SFT, {args.steps} steps; train loss = mean of the last {args.window} steps")
+    print(f"tiny-math SFT, {args.steps} steps, seed {args.seed}; train loss = mean of the last {args.window} steps")
     print("| mode | train loss | vs fp32 | held-out loss | vs fp32 | held-out accuracy | s/step |")
     print("|---|---|---|---|---|---|---|")
     for mode in MODES:
