@@ -22,12 +22,11 @@ def load_eval_pairs(stage: BaseModel):
 
     d = stage.data
     if d.path is None:  # the synthetic math pairs' held-out split
-        return load_pairs(d)[1], None
-    pairs, bad = read_pairs(d.path, d.format, d.columns)
-    bad.check(d.max_bad_fraction, d.path)
-    if stage.limit is not None:
-        pairs = pairs[: stage.limit]
-    return pairs, bad
+        pairs, bad = load_pairs(d)[1], None
+    else:
+        pairs, bad = read_pairs(d.path, d.format, d.columns)
+        bad.check(d.max_bad_fraction, d.path)
+    return pairs[: stage.limit] if stage.limit is not None else pairs, bad
 
 
 def run_eval_rm(stage: BaseModel, run: RunDir, model_path: Path | None = None, progress=None) -> Path:

@@ -83,8 +83,8 @@ def test_eval_rm_reports_for_tiny_rm_and_length_critic(tiny_rm, data_dir, datase
 
 def test_eval_rm_on_synthetic_pairs_with_rule_critic(tmp_path):
     out = tmp_path / "rule"
-    assert main(["run", "recipes/rm_eval.yaml", "critic=rule:math", f"output_dir={out}", "data.num_eval=40",
-                 "meta_critic=false"]) == 0
+    assert main(["run", "recipes/rm_eval.yaml", "critic=rule:math", f"output_dir={out}", "data.num_eval=60",
+                 "limit=40", "meta_critic=false"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["accuracy"] == 1.0 and report["n"] == 40  # the verifier knows right from wrong answers
     assert set(report["per_category"]) == {"level1", "level2"}
