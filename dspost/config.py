@@ -57,6 +57,9 @@ class DataSection(Section):
     """Synthetic set: difficulty levels to draw from (1 = the larger of two numbers ... 7 = sums of fractions)."""
     max_seq_len: int = Field(256, ge=8, le=1_000_000)
     """Longest tokenized sample; longer rows are counted as bad and dropped."""
+    pack: bool = False
+    """SFT: pack samples into rows of `max_seq_len` tokens (attention and positions restart per sample, no loss
+    across a boundary); `trainer.batch_size` then counts rows."""
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
     """Stop with an error if more than this fraction of rows is malformed."""
     seed: int = 0

@@ -56,6 +56,49 @@ def collate(batch: list[Tokenized], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
 
 
+@dataclass
+class Packed:
+    """Several tokenized samples in one row: `segments[i]` numbers the sample each token belongs to."""
+    input_ids: list[int]
+    labels: list[int]
+    segments: list[int]
+
+
+def pack(samples: list[Tokenized], max_len: int) -> list[Packed]:
+    """Next-fit in data order: rows of at most `max_len` tokens. A sample's last label is dropped
+    (its next token is another sample's first)."""
+    rows: list[Packed] = []
+    for s in samples:
+        row = rows[-1] if rows and len(rows[-1].input_ids) + len(s.input_ids) <= max_len else None
+        if row is None:
+            row = Packed([], [], [])
+            rows.append(row)
+        seg = row.segments[-1] + 1 if row.segments else 0
+        row.input_ids += s.input_ids
+        row.labels += s.labels
+        row.segments += [seg] * len(s.input_ids)
+    return rows
+
+
+def collate_packed(batch: list[Packed], pad_id: int):
+    """ids, next-token labels, segment ids (padding is segment -1) and positions restarting per sample."""
+    S = max(len(r.input_ids) for r in batch)
+    ids = torch.full((len(batch), S), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), S), -100, dtype=torch.long)
+    segments = torch.full((len(batch), S), -1, dtype=torch.long)
+    for i, r in enumerate(batch):
+        n = len(r.input_ids)
+        ids[i, :n], labels[i, :n], segments[i, :n] = (torch.tensor(r.input_ids), torch.tensor(r.labels),
+                                                     torch.tensor(r.segments))
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    index = torch.arange(S).expand(len(batch), S)
+    positions = index - torch.cummax(torch.where(starts, index, 0), dim=1).values
+    next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    same = torch.nn.functional.pad(segments[:, 1:] == segments[:, :-1], (0, 1), value=False)
+    return ids, next_labels.masked_fill(~same, -100), segments, positions
+
+
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     """Indices of step `step` (0-based) in an epoch-wise shuffled stream; a pure function of its inputs."""
     out = []
@@ -116,6 +159,7 @@ def run_sft(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> 
     tok = load_tokenizer(str(model_path))
     train_ex, eval_ex, bad = load_examples(d)
     train = tokenize(train_ex, tok, d.max_seq_len, bad)
+    packed = pack(train, d.max_seq_len) if d.pack else None
     held_out = tokenize(eval_ex, tok, d.max_seq_len, bad, offset=len(train_ex))
     bad.check(d.max_bad_fraction, d.path or "synthetic data")
     run.log.info("data: %d train, %d held-out samples; bad rows: %s", len(train), len(held_out), bad.summary())
@@ -141,13 +185,18 @@ def run_sft(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> 
     for step in range(start_step, t.max_steps):
         t0 = time.perf_counter()
         set_lr(opt, t, step)
-        idx = batch_indices(len(train), t.batch_size, step, t.seed)
+        idx = batch_indices(len(packed or train), t.batch_size, step, t.seed)
         sums = {"loss": 0.0, "lm": 0.0, "mtp": 0.0}
         tokens = 0
         for j in range(t.grad_accum):
-            ids, labels = collate([train[i] for i in idx[j * micro:(j + 1) * micro]], tok.pad_token_id)
+            chunk = idx[j * micro:(j + 1) * micro]
+            if packed is not None:
+                ids, labels, segments, positions = collate_packed([packed[i] for i in chunk], tok.pad_token_id)
+                inputs = {"segment_ids": segments, "position_ids": positions}
+            else:
+                (ids, labels), inputs = collate([train[i] for i in chunk], tok.pad_token_id), {}
             with autocast:
-                out = model(ids, labels=labels)
+                out = model(ids, labels=labels, **inputs)
             (out.loss / t.grad_accum).backward()
             sums["loss"] += out.loss.item() / t.grad_accum
             sums["lm"] += out.lm_loss.item() / t.grad_accum

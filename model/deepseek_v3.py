@@ -632,6 +632,9 @@ class DeepseekV3(nn.Module):
             h, mtp_logits = self._mtp_step(mtp, h, input_ids, offset, cos, sin, mask)
             # Module k predicts t+1+offset from position t: shift labels left by `offset`.
             mtp_labels = F.pad(labels[:, offset:], (0, offset), value=-100)
+            if segment_ids is not None:  # packed rows: no target from another sequence
+                crosses = F.pad(segment_ids[:, offset:] != segment_ids[:, :-offset], (0, offset), value=True)
+                mtp_labels = mtp_labels.masked_fill(crosses, -100)
             out.mtp_losses.append(weights[k] * F.cross_entropy(
                 mtp_logits.flatten(0, 1).float(), mtp_labels.flatten(), ignore_index=-100))
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
