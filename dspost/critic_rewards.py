@@ -31,12 +31,15 @@ class CriticTerm:
         self.key = "critic_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name[len(PREFIX):]).strip("_")[-40:]
         self.raw = make_critic(name[len(PREFIX):])
         self.state = PolicyState(self.raw)
+        self.checked = False
         self.reference = load_reference(meta.reference) if meta is not None else None
 
     def check(self, step: int) -> dict[str, float]:
-        """Run the meta-critic when due; returns its metrics (empty when not due)."""
-        if self.meta is None or step % self.meta.every:
+        """Run the meta-critic when due (and at the first step of a run, resumed or not, so the policy is in
+        force from the start); returns its metrics (empty when not due)."""
+        if self.meta is None or (step % self.meta.every and self.checked):
             return {}
+        self.checked = True
         report = assess(self.raw, self.reference)
         self.state = apply_policy(self.meta.policy, self.raw, report, self.reference, self.meta.gate_weight)
         if self.log is not None:
