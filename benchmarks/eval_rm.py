@@ -43,7 +43,6 @@ def ours(path: str, pairs, batch_size: int, max_length: int) -> list[float]:
     from dspost.rewards.critics import SequenceClassifierCritic
 
     critic = SequenceClassifierCritic(path, batch_size=batch_size, max_length=max_length)
-    critic.batch_size = batch_size
     return [j.score_chosen - j.score_rejected for j in critic.compare(pairs)]
 
 

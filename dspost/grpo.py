@@ -181,8 +181,9 @@ def score(scorer: ScoringPool, samples: list[Sample], examples: list[Example], t
           critics=()):
     rewards = torch.zeros(len(samples))
     metrics: dict[str, float] = {}
+    prompts = [next(m["content"] for m in reversed(ex.messages[:-1]) if m["role"] == "user") for ex in examples] \
+        if critics else []
     for c in critics:
-        prompts = [next(m["content"] for m in reversed(ex.messages[:-1]) if m["role"] == "user") for ex in examples]
         values, failed = c.scores(prompts, [s.text for s in samples], [ex.answer for ex in examples])
         rewards += values
         metrics[f"reward/{c.key}/mean"], metrics[f"reward/{c.key}/error"] = float(values.mean()), failed

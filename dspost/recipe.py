@@ -147,12 +147,13 @@ def check_paths(recipe: BaseModel) -> None:
         if getattr(stage, "kind", None) == "eval_rm":
             if stage.reference and not Path(stage.reference).expanduser().is_file():
                 raise RecipeError(f"{prefix}reference: no such file: {stage.reference}")
-            kind, sep, rest = stage.critic.partition(":")
-            target = rest if sep and kind == "judge" else (None if sep and kind == "rule" else stage.critic)
-            if target not in (None, "length") and not (Path(target).expanduser() / "config.json").is_file():
-                raise RecipeError(f"{prefix}critic: {target}: no such checkpoint directory (or one without config.json); "
+            from dspost.rewards.critics import parse_critic
+
+            kind, rest = parse_critic(stage.critic)
+            if kind in ("judge", "model") and not (Path(rest).expanduser() / "config.json").is_file():
+                raise RecipeError(f"{prefix}critic: {rest}: no such checkpoint directory (or one without config.json); "
                                   f"expected length, rule:NAME, judge:DIR or a reward-model directory")
-            if sep and kind == "rule":
+            if kind == "rule":
                 from dspost.rewards.registry import REWARDS
 
                 if rest not in REWARDS:

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from dspost.data.loading import BadRows
 from dspost.model.quant import apply_training_precision
 from dspost.rundir import RunDir
-from dspost.sft import batch_indices
+from dspost.sft import batch_indices, save_checkpoint
 from dspost.training import optimizer_and_start, set_lr
 
 
@@ -146,23 +146,6 @@ def _adapt(rm, cfg, base_path: Path, resume_from: Path | None):
     config.modules_to_save = ["score"]  # the head is new: it trains in full beside the adapters
     rm.name_or_path = str(base_path)
     return get_peft_model(rm, config)
-
-
-def save_checkpoint(run: RunDir, rm, tok, opt, step: int) -> Path:
-    from dspost.model.checkpoint import atomic_dir
-
-    path = run.checkpoint_path(step)
-    with atomic_dir(path) as tmp:
-        if hasattr(rm, "peft_config"):
-            rm.save_pretrained(tmp)  # adapters + head in PEFT format
-            tok.save_pretrained(tmp)
-        else:
-            rm.write(tmp, tokenizer=tok)
-        torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "step": step},
-                   tmp / "trainer_state.pt")
-    run.mark_latest(step)
-    run.log.info("saved %s", path)
-    return path
 
 
 def merge_rm_adapter(adapter_dir: Path, base: Path, out: Path, dtype) -> Path:

@@ -20,11 +20,14 @@ def save_training_checkpoint(path: Path, model, tokenizer, optimizer, step: int,
     """HF-layout model (or PEFT adapter) + tokenizer + `trainer_state.pt`, written atomically into `path`."""
     from dspost.lora import is_adapted
     from dspost.model.checkpoint import atomic_dir, write_checkpoint
+    from dspost.model.reward_model import DeepseekV3RewardModel
 
     with atomic_dir(path) as tmp:
-        if is_adapted(model):  # LoRA: the adapter in PEFT format, not the frozen base
+        if is_adapted(model):  # LoRA: the adapter in PEFT format, not the frozen base (a reward head included)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+        elif isinstance(model, DeepseekV3RewardModel):
+            model.write(tmp, tokenizer=tokenizer)
         else:
             write_checkpoint(model, tmp, tokenizer=tokenizer)
         torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,

@@ -49,11 +49,14 @@ class _Fp8Matmul(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         xq, xs, wq, ws = ctx.saved_tensors
         g = g.contiguous()
-        if g.shape[1] % 128 == 0:
+        dx = dw = None
+        if ctx.needs_input_grad[0] and g.shape[1] % 128 == 0:
             gq, gs = kernels.act_quant(g)
             dx = kernels.fp8_gemm(gq, gs, wq.t().contiguous(), ws.t().contiguous(), out_dtype=ctx.dtype)
-        else:
+        elif ctx.needs_input_grad[0]:
             dx = g @ kernels.weight_dequant(wq, ws, dtype=ctx.dtype)
+        if not ctx.needs_input_grad[1]:  # frozen weights (LoRA base): no Wgrad
+            return dx, dw
         pad = -g.shape[0] % 128
         gT = torch.nn.functional.pad(g.t().float(), (0, pad)).contiguous()
         xT = torch.nn.functional.pad(_dequant_act(xq, xs, torch.float32).t(), (0, pad)).contiguous()

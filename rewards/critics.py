@@ -265,15 +265,25 @@ class VLLMJudge(Critic):
         return out
 
 
+def parse_critic(spec: str) -> tuple[str, str]:
+    """(kind, argument) of a critic spec: ("length", ""), ("rule", NAME), ("judge", DIR) or ("model", DIR)."""
+    kind, sep, rest = spec.partition(":")
+    if spec == "length":
+        return "length", ""
+    if sep and kind in ("rule", "judge"):
+        return kind, rest
+    return "model", spec
+
+
 def make_critic(spec: str, batch_size: int = 16, max_length: int = 1024, **options) -> Critic:
     """`length`; `rule:NAME` (a registered reward: math, format, code); `judge:DIR` (a generative judge
     served by vLLM from that checkpoint); or a reward-model checkpoint directory."""
-    if spec == "length":
+    kind, rest = parse_critic(spec)
+    if kind == "length":
         return LengthCritic()
-    kind, sep, rest = spec.partition(":")
-    if sep and kind == "rule":
+    if kind == "rule":
         return RuleCritic(rest, options)
-    if sep and kind == "judge":
+    if kind == "judge":
         from dspost.model import load_tokenizer
         from dspost.rollout.engine import VLLMEngine
 
