@@ -12,7 +12,6 @@ engine/trainer mismatch is corrected by a truncated importance weight (`algorith
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from pathlib import Path
 
@@ -22,11 +21,12 @@ from pydantic import BaseModel
 from dspost.algorithms import ADVANTAGES, informative_groups, overlong_penalty
 from dspost.critic_rewards import critic_terms, is_critic
 from dspost.data.loading import Example, load_examples
+from dspost.distributed import group_url, start_ray
 from dspost.rewards import STATUSES, ScoringPool, resolve
 from dspost.rollout.engine import Sample, SamplingConfig
 from dspost.rundir import RunDir
 from dspost.sft import batch_indices
-from dspost.trainer_worker import RolloutBatch, TrainerWorker, free_port
+from dspost.trainer_worker import RolloutBatch, TrainerWorker
 
 
 class ParityError(RuntimeError):
@@ -110,19 +110,6 @@ def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) ->
 
 
 # ------------------------------------------------------------------------------------------ setup
-def start_ray(cfg: BaseModel):
-    import ray
-
-    if ray.is_initialized():  # a caller (or a test) already connected us
-        return ray, False
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    return ray, True
-
-
 def start_pools(recipe: BaseModel, serve_from: str, base_model: str, resume_from: str | None):
     import ray
 
@@ -142,7 +129,7 @@ def start_pools(recipe: BaseModel, serve_from: str, base_model: str, resume_from
     env = {"OMP_NUM_THREADS": str(t.num_threads)} if t.num_threads else {}
     actor = ray.remote(TrainerWorker).options(num_cpus=t.num_cpus_per_worker, num_gpus=t.num_gpus_per_worker,
                                               resources=t.resources or None, runtime_env={"env_vars": env})
-    url = f"tcp://{ray.util.get_node_ip_address()}:{free_port()}" if t.num_workers > 1 else None
+    url = group_url() if t.num_workers > 1 else None
     trainers = [actor.remote(base_model, cfg, rank, t.num_workers, url, resume_from) for rank in range(t.num_workers)]
     ray.get([w.ready.remote() for w in trainers])
     if recipe.sync.transport == "nccl":

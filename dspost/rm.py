@@ -95,7 +95,8 @@ def run_rm(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> P
     if t.lora is not None:
         rm, bias_speed = _adapt(rm, t.lora, model_path, resume_from), 0.0
     rm.train()
-    opt, start = optimizer_and_start(rm, t, run, resume_from)
+    opt, start = optimizer_and_start(rm, t, resume_from)
+    run.resumed(resume_from, start)
     params = [p for group in opt.param_groups for p in group["params"]]
 
     micro = t.batch_size // t.grad_accum

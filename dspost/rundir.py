@@ -75,6 +75,11 @@ class RunDir:
             rows = [r for r in read_metrics(self.root) if r["step"] <= after_step]
             write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
+    def resumed(self, checkpoint: Path | None, step: int) -> None:
+        if checkpoint is not None:
+            self.truncate_metrics(step)
+            self.log.info("resumed from %s at step %d", checkpoint, step)
+
     # ---- checkpoints
     def checkpoint_path(self, step: int) -> Path:
         return self.root / "checkpoints" / f"step_{step}"

@@ -1,6 +1,7 @@
-"""Supervised fine-tuning of our DeepSeek MoE: loss on assistant tokens only, AdamW with warm-up + cosine,
-gradient accumulation and clipping, aux-loss-free bias updates and the MTP loss, held-out loss (and, for
-math data, greedy accuracy) every `eval_every` steps, atomic checkpoints and exact resume.
+"""Supervised fine-tuning of our DeepSeek MoE or any transformers causal LM, full or LoRA: loss on assistant
+tokens only, AdamW with warm-up + cosine, gradient accumulation and clipping, aux-loss-free bias updates and
+the MTP loss (our MoE), held-out loss (and, for math data, greedy accuracy) every `eval_every` steps, atomic
+checkpoints and exact resume; one worker in-process, or several as Ray actors in one torch.distributed group.
 
 The data order is a pure function of (seed, step), and the RNG state is checkpointed, so a resumed CPU
 run repeats the uninterrupted one exactly."""
@@ -16,6 +17,8 @@ import torch
 from pydantic import BaseModel
 
 from dspost.data.loading import BadRows, Example
+from dspost.distributed import (all_reduce_grads, all_reduce_mean, all_reduce_router_load, group_url, init_group,
+                                shutdown_group, start_ray)
 from dspost.lora import add_adapters, load_adapters, merge_lora, merged
 from dspost.model.quant import apply_training_precision
 from dspost.rundir import RunDir
@@ -115,9 +118,10 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
 @torch.no_grad()
 def eval_loss(model, data: list[Tokenized], pad_id: int, batch_size: int) -> float:
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size):
-        ids, labels = collate(data[i: i + batch_size], pad_id)
+        ids, labels = (x.to(device) for x in collate(data[i: i + batch_size], pad_id))
         logits = model(ids).logits
         n = int((labels != -100).sum())
         total += float(torch.nn.functional.cross_entropy(
@@ -125,6 +129,22 @@ def eval_loss(model, data: list[Tokenized], pad_id: int, batch_size: int) -> flo
         count += n
     model.train()
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def greedy(model, prompts: list[list[int]], max_new_tokens: int, tok) -> list[list[int]]:
+    """Greedy continuations of `prompts` (new tokens only) from our model or a transformers causal LM."""
+    if _ours(model):
+        return model.generate(prompts, max_new_tokens, eos_token_id=tok.eos_token_id)
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), tok.pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding, so every continuation starts at column L
+        ids[i, L - len(p):], attention[i, L - len(p):] = torch.tensor(p), 1
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return [row[L:].tolist() for row in out]
 
 
 @torch.no_grad()
@@ -140,90 +160,204 @@ def eval_accuracy(model, examples: list[Example], tok, max_new_tokens: int = 48,
         prompts = [list(tok.apply_chat_template(ex.messages[:-1], tokenize=True, add_generation_prompt=True,
                                                 return_dict=True)["input_ids"]) for ex in chunk]
         with merged(model) as plain:
-            outs = plain.generate(prompts, max_new_tokens, eos_token_id=tok.eos_token_id)
+            outs = greedy(plain, prompts, max_new_tokens, tok)
         for ex, out in zip(chunk, outs):
             correct += verify_math(tok.decode(out, skip_special_tokens=True), ex.answer).score == 1.0
     model.train()
     return correct / max(len(scored), 1)
 
 
-def run_sft(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> Path:
-    from dspost.data.loading import load_examples
-    from dspost.model import from_pretrained, load_tokenizer
+def _ours(model) -> bool:
+    from dspost.model import DeepseekV3
 
-    t, d, m = recipe.trainer, recipe.data, recipe.model
-    if t.num_workers > 1:
-        raise NotImplementedError("trainer.num_workers > 1: multi-worker SFT on Ray is not implemented yet")
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
-    tok = load_tokenizer(str(model_path))
-    train_ex, eval_ex, bad = load_examples(d)
-    train = tokenize(train_ex, tok, d.max_seq_len, bad)
-    packed = pack(train, d.max_seq_len) if d.pack else None
-    held_out = tokenize(eval_ex, tok, d.max_seq_len, bad, offset=len(train_ex))
-    bad.check(d.max_bad_fraction, d.path or "synthetic data")
-    run.log.info("data: %d train, %d held-out samples; bad rows: %s", len(train), len(held_out), bad.summary())
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return isinstance(base, DeepseekV3)
 
-    dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
-    resume_from = run.latest_checkpoint() if recipe.resume else None
-    model = from_pretrained(model_path if t.lora else (resume_from or model_path), dtype=dtype)
-    model.mtp_loss_weight, model.balance_alpha = m.mtp_loss_weight, m.seq_balance_loss_weight
-    apply_training_precision(model, t.quantization)
-    bias_speed = m.bias_update_speed
-    if t.lora is not None:
-        model = load_adapters(model, resume_from) if resume_from else add_adapters(model, t.lora, model_path)
-        bias_speed = 0.0  # the base model, router biases included, stays frozen: only adapters are saved
-        run.log.info("LoRA: %d trainable of %d parameters; router bias updates off",
-                     sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
-    model.train()
-    opt, start_step = optimizer_and_start(model, t, run, resume_from)
-    params = [p for group in opt.param_groups for p in group["params"]]
 
-    micro = t.batch_size // t.grad_accum
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.precision == "bf16")
-    final = None
-    for step in range(start_step, t.max_steps):
+def lm_loss(model, ids, labels, segments=None, positions=None):
+    """(loss to minimise, next-token loss, MTP losses). Labels are already next-token aligned."""
+    if _ours(model):
+        packed = {"segment_ids": segments, "position_ids": positions} if segments is not None else {}
+        out = model(ids, labels=labels, **packed)
+        return out.loss, out.lm_loss, out.mtp_losses
+    # transformers reads packed rows from position ids that restart per sample (no attention mask given)
+    logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+    return loss, loss, []
+
+
+class SFTWorker:
+    """One rank of SFT: a model replica, its optimizer and the tokenized data, of which it takes its share of
+    every batch. One worker runs in the driver's process; several run as Ray actors in one torch.distributed
+    group, gradients and router load summed over it, so they train exactly like one worker accumulating
+    their micro-batches."""
+
+    def __init__(self, recipe: BaseModel, model_path: str, rank: int = 0, world: int = 1, dist_url: str | None = None,
+                 resume_from: str | None = None):
+        from dspost.data.loading import load_examples
+        from dspost.lora import load_base
+        from dspost.model import load_tokenizer
+
+        t, d, m = recipe.trainer, recipe.data, recipe.model
+        self.t, self.rank, self.world = t, rank, world
+        if world > 1 and t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        init_group(rank, world, dist_url)
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+        self.tok = tok = load_tokenizer(model_path)
+        train_ex, self.eval_ex, bad = load_examples(d)
+        self.train = tokenize(train_ex, tok, d.max_seq_len, bad)
+        self.packed = pack(self.train, d.max_seq_len) if d.pack else None
+        self.held_out = tokenize(self.eval_ex, tok, d.max_seq_len, bad, offset=len(train_ex))
+        bad.check(d.max_bad_fraction, d.path or "synthetic data")
+        self.notes = [f"data: {len(self.train)} train, {len(self.held_out)} held-out samples; bad rows: {bad.summary()}"]
+
+        dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
+        model = load_base(model_path if t.lora else (resume_from or model_path), dtype=dtype)
+        self.ours = _ours(model)
+        self.bias_speed = m.bias_update_speed if self.ours else 0.0
+        if self.ours:
+            model.mtp_loss_weight, model.balance_alpha = m.mtp_loss_weight, m.seq_balance_loss_weight
+            apply_training_precision(model, t.quantization)
+        elif t.quantization != "none":
+            raise ValueError(f"trainer.quantization={t.quantization}: low-precision training is implemented for "
+                             f"deepseek_v3 checkpoints; {model_path} holds a {type(model).__name__}")
+        if t.lora is not None:
+            model = load_adapters(model, resume_from) if resume_from else add_adapters(model, t.lora, model_path)
+            self.bias_speed = 0.0  # the base model, router biases included, stays frozen: only adapters are saved
+            self.notes.append(f"LoRA: {sum(p.numel() for p in model.parameters() if p.requires_grad)} trainable of "
+                              f"{sum(p.numel() for p in model.parameters())} parameters; router bias updates off")
+        # Ray exposes a GPU to this worker only when it asked for one (trainer.num_gpus_per_worker).
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.model = model.to(self.device).train()
+        self.opt, self.start_step = optimizer_and_start(model, t, Path(resume_from) if resume_from else None)
+        self.params = [p for group in self.opt.param_groups for p in group["params"]]
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+
+    def info(self) -> dict:
+        return {"start_step": self.start_step, "notes": self.notes}
+
+    def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        set_lr(opt, t, step)
-        idx = batch_indices(len(packed or train), t.batch_size, step, t.seed)
-        sums = {"loss": 0.0, "lm": 0.0, "mtp": 0.0}
-        tokens = 0
+        t = self.t
+        set_lr(self.opt, t, step)
+        idx = batch_indices(len(self.packed or self.train), t.batch_size, step, t.seed)
+        share = t.batch_size // self.world
+        idx = idx[self.rank * share:(self.rank + 1) * share]
+        micro = share // t.grad_accum
+        sums = {"loss": 0.0, "lm": 0.0, "mtp": 0.0, "tokens": 0.0}
         for j in range(t.grad_accum):
             chunk = idx[j * micro:(j + 1) * micro]
-            if packed is not None:
-                ids, labels, segments, positions = collate_packed([packed[i] for i in chunk], tok.pad_token_id)
-                inputs = {"segment_ids": segments, "position_ids": positions}
+            if self.packed is not None:
+                ids, labels, segments, positions = collate_packed([self.packed[i] for i in chunk], self.tok.pad_token_id)
             else:
-                (ids, labels), inputs = collate([train[i] for i in chunk], tok.pad_token_id), {}
-            with autocast:
-                out = model(ids, labels=labels, **inputs)
-            (out.loss / t.grad_accum).backward()
-            sums["loss"] += out.loss.item() / t.grad_accum
-            sums["lm"] += out.lm_loss.item() / t.grad_accum
-            sums["mtp"] += sum(x.item() for x in out.mtp_losses) / t.grad_accum
-            tokens += ids.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.update_router_biases(bias_speed)
-        load = model.expert_load()
-        n = step + 1
+                (ids, labels), segments, positions = collate([self.train[i] for i in chunk], self.tok.pad_token_id), None, None
+            ids, labels, segments, positions = (x.to(self.device) if x is not None else None
+                                                for x in (ids, labels, segments, positions))
+            with self.autocast:
+                loss, lm, mtp = lm_loss(self.model, ids, labels, segments, positions)
+            (loss / t.grad_accum).backward()
+            sums["loss"] += loss.item() / t.grad_accum
+            sums["lm"] += lm.item() / t.grad_accum
+            sums["mtp"] += sum(x.item() for x in mtp) / t.grad_accum
+            sums["tokens"] += ids.numel()
+        all_reduce_grads(self.params, self.world)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.clip_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.ours:
+            all_reduce_router_load(self.model, self.world)
+            self.model.update_router_biases(self.bias_speed)
+        sums = all_reduce_mean(sums, self.world)
+        seconds = time.perf_counter() - t0
         metrics = {
-            "train/loss": sums["loss"], "train/lm_loss": sums["lm"], "train/mtp_loss": sums["mtp"],
-            "train/grad_norm": float(grad_norm), "train/lr": opt.param_groups[0]["lr"],
-            "perf/tokens_per_s": tokens / (time.perf_counter() - t0), "time/step": time.perf_counter() - t0,
+            "train/loss": sums["loss"], "train/lm_loss": sums["lm"], "train/grad_norm": float(grad_norm),
+            "train/lr": self.opt.param_groups[0]["lr"], "perf/tokens_per_s": sums["tokens"] * self.world / seconds,
+            "time/step": seconds,
         }
-        if load.numel():
-            metrics["moe/load_max_min_ratio"] = float((load.max(1).values / load.min(1).values.clamp(min=1)).max())
-        if n % t.eval_every == 0 or n == t.max_steps:
-            metrics["eval/loss"] = eval_loss(model, held_out, tok.pad_token_id, 32)
-            if any(ex.answer for ex in eval_ex):
-                metrics["eval/accuracy"] = eval_accuracy(model, eval_ex[:100], tok)
-        run.log_metrics(n, metrics)
-        if progress is not None:
-            progress(n, t.max_steps, metrics)
-        if n % t.save_every == 0 or n == t.max_steps:
-            final = save_checkpoint(run, model, tok, opt, n)
+        if self.ours:
+            metrics["train/mtp_loss"] = sums["mtp"]
+            load = self.model.expert_load()
+            if load.numel():
+                metrics["moe/load_max_min_ratio"] = float((load.max(1).values / load.min(1).values.clamp(min=1)).max())
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        metrics = {"eval/loss": eval_loss(self.model, self.held_out, self.tok.pad_token_id, 32)}
+        if any(ex.answer for ex in self.eval_ex):
+            metrics["eval/accuracy"] = eval_accuracy(self.model, self.eval_ex[:100], self.tok)
+        return metrics
+
+    def save(self, path: str, step: int) -> str:
+        save_training_checkpoint(Path(path), self.model, self.tok, self.opt, step)
+        return path
+
+    def close(self) -> None:
+        shutdown_group(self.world)
+
+
+class Workers:
+    """The SFT workers: one in this process (no Ray), or `trainer.num_workers` Ray actors."""
+
+    def __init__(self, recipe: BaseModel, model_path: Path, resume_from: Path | None):
+        t = recipe.trainer
+        resume = str(resume_from) if resume_from else None
+        self.ray = None
+        if t.num_workers == 1:
+            self.workers = [SFTWorker(recipe, str(model_path), resume_from=resume)]
+            return
+        self.ray, self.own_ray = start_ray(recipe.ray)
+        env = {"OMP_NUM_THREADS": str(t.num_threads)} if t.num_threads else {}
+        actor = self.ray.remote(SFTWorker).options(num_cpus=t.num_cpus_per_worker, num_gpus=t.num_gpus_per_worker,
+                                                   resources=t.resources or None, runtime_env={"env_vars": env})
+        url = group_url()
+        self.workers = [actor.remote(recipe, str(model_path), rank, t.num_workers, url, resume)
+                        for rank in range(t.num_workers)]
+
+    def all(self, method: str, *args) -> list:
+        if self.ray is None:
+            return [getattr(w, method)(*args) for w in self.workers]
+        return self.ray.get([getattr(w, method).remote(*args) for w in self.workers])
+
+    def first(self, method: str, *args):
+        if self.ray is None:
+            return getattr(self.workers[0], method)(*args)
+        return self.ray.get(getattr(self.workers[0], method).remote(*args))
+
+    def close(self) -> None:
+        if self.ray is not None:
+            self.all("close")
+            for w in self.workers:
+                self.ray.kill(w)
+            if self.own_ray:
+                self.ray.shutdown()
+
+
+def run_sft(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> Path:
+    t = recipe.trainer
+    resume_from = run.latest_checkpoint() if recipe.resume else None
+    workers = Workers(recipe, model_path, resume_from)
+    try:
+        info = workers.first("info")
+        for note in info["notes"]:
+            run.log.info("%s", note)
+        run.resumed(resume_from, info["start_step"])
+        final = None
+        for step in range(info["start_step"], t.max_steps):
+            metrics = workers.all("train_step", step)[0]  # every rank returns the group's averages
+            n = step + 1
+            if n % t.eval_every == 0 or n == t.max_steps:
+                metrics.update(workers.first("evaluate"))
+            run.log_metrics(n, metrics)
+            if progress is not None:
+                progress(n, t.max_steps, metrics)
+            if n % t.save_every == 0 or n == t.max_steps:
+                final = Path(workers.first("save", str(run.checkpoint_path(n)), n))
+                run.mark_latest(n)
+                run.log.info("saved %s", final)
+    finally:
+        workers.close()
     final = final or run.latest_checkpoint()
     if t.lora is not None:  # later stages (and vLLM) need a full checkpoint
         merged_dir = merge_lora(final, run.root / "merged", base=model_path)

@@ -3,7 +3,6 @@ torch.distributed group (gloo on CPU, nccl on GPU), data-parallel by averaging g
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 
 from dspost.algorithms import LossInputs, policy_loss
+from dspost.distributed import all_reduce_grads, all_reduce_router_load, free_port, init_group
 from dspost.training import load_training_state, lr_factor, save_training_checkpoint
 
 
@@ -51,12 +51,6 @@ def token_logprobs(model, ids: torch.Tensor, routes=None) -> tuple[torch.Tensor,
     return lp, entropy
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 class TrainerWorker:
     def __init__(self, model_path: str, cfg: dict, rank: int = 0, world: int = 1, dist_url: str | None = None,
                  resume_from: str | None = None):
@@ -72,11 +66,7 @@ class TrainerWorker:
             torch.set_num_threads(self.trainer.num_threads)
         torch.manual_seed(self.trainer.seed + rank)
         self.rank, self.world = rank, world
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=dist_url,
-                                    rank=rank, world_size=world)
+        init_group(rank, world, dist_url)
         dtype = torch.bfloat16 if self.model_cfg.dtype == "bfloat16" else torch.float32
         # Ray exposes a GPU to this actor only when it asked for one (trainer.num_gpus_per_worker).
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -132,11 +122,12 @@ class TrainerWorker:
                 (loss * len(micro) / len(mb)).backward()
                 for k, v in {"loss": float(loss), **m}.items():
                     sums[k] = sums.get(k, 0.0) + v * len(micro) / B
-            self._all_reduce_grads()
+            all_reduce_grads(list(self.model.parameters()), self.world)
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)) / a.minibatches
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+            all_reduce_router_load(self.model, self.world)
             self.model.update_router_biases(self.model_cfg.bias_update_speed)
             self.step += 1
         if old_lp is None:
@@ -153,20 +144,6 @@ class TrainerWorker:
         metrics["train/tokens"] = float(x["mask"].sum())
         metrics["train/seconds"] = time.perf_counter() - t0
         return metrics
-
-    def _all_reduce_grads(self) -> None:
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.model.parameters()]
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for p, g in zip(self.model.parameters(), grads):
-            p.grad = flat[offset: offset + g.numel()].view_as(p).clone()
-            offset += g.numel()
 
     def connect_weight_transfer(self, workers: list, bucket_bytes: int) -> None:
         """NCCL: open a group to each rollout worker, once, before the first sync."""

@@ -18,18 +18,18 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
 
 def save_training_checkpoint(path: Path, model, tokenizer, optimizer, step: int, extra: dict | None = None) -> Path:
     """HF-layout model (or PEFT adapter) + tokenizer + `trainer_state.pt`, written atomically into `path`."""
-    from dspost.lora import is_adapted
+    from dspost.model import DeepseekV3
     from dspost.model.checkpoint import atomic_dir, write_checkpoint
     from dspost.model.reward_model import DeepseekV3RewardModel
 
     with atomic_dir(path) as tmp:
-        if is_adapted(model):  # LoRA: the adapter in PEFT format, not the frozen base (a reward head included)
+        if isinstance(model, DeepseekV3RewardModel):
+            model.write(tmp, tokenizer=tokenizer)
+        elif isinstance(model, DeepseekV3):
+            write_checkpoint(model, tmp, tokenizer=tokenizer)
+        else:  # a PEFT adapter (not the frozen base; a reward head included) or a transformers model
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        elif isinstance(model, DeepseekV3RewardModel):
-            model.write(tmp, tokenizer=tokenizer)
-        else:
-            write_checkpoint(model, tmp, tokenizer=tokenizer)
         torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
                     **(extra or {})}, tmp / "trainer_state.pt")
     return path
@@ -42,17 +42,14 @@ def load_training_state(path: Path, optimizer) -> dict:
     return state
 
 
-def optimizer_and_start(model, t, run, resume_from: Path | None) -> tuple[torch.optim.Optimizer, int]:
-    """AdamW over the trainable parameters, restored (with the RNG and the metrics file) when resuming;
-    returns it and the step to continue from."""
+def optimizer_and_start(model, t, resume_from: Path | None) -> tuple[torch.optim.Optimizer, int]:
+    """AdamW over the trainable parameters, restored (with the RNG) when resuming; returns it and the step
+    to continue from."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     if resume_from is None:
         return opt, 0
-    start = load_training_state(resume_from, opt)["step"]
-    run.truncate_metrics(start)
-    run.log.info("resumed from %s at step %d", resume_from, start)
-    return opt, start
+    return opt, load_training_state(resume_from, opt)["step"]
 
 
 def set_lr(opt: torch.optim.Optimizer, t, step: int) -> None:
