@@ -1,11 +1,14 @@
 """LoRA SFT throughput and peak memory: dspost's SFT stage vs TRL's `SFTTrainer` + PEFT, side by side.
 
 Same checkpoint (the tiny-math warm start, which transformers loads as `DeepseekV3ForCausalLM`), same data (the
-synthetic math conversations, loss on assistant tokens), same batch (16 sequences, no packing), same LoRA
-(r 16, alpha 32, on the MLA projections), fp32 on the CPU. Each trainer runs alone in its own process (peak RSS
-is that process's VmHWM); tokens/s counts the tokens of the timed steps (after 3 warm-up steps) over their time.
+synthetic math conversations, loss on assistant tokens), same batch (16 sequences or, packed, 16 rows of 256
+tokens), same LoRA (r 16, alpha 32, on the MLA projections), fp32 on the CPU. Each trainer runs alone in its own
+process (peak RSS is that process's VmHWM). Tokens/s: the tokens of the timed steps (after 3 warm-up steps) over
+their time, counted with padding ("padded") and without ("real"). Configurations: unpacked and packed (TRL:
+`packing=True`, padding-free), each with the same objective as TRL (next-token loss: transformers' model has no
+MTP layer, so ours runs with `model.mtp_loss_weight=0`); `--mtp` adds our default objective (MTP loss 0.3).
 
-    python benchmarks/sft_vs_trl.py --checkpoint DIR [--steps 20]
+    python benchmarks/sft_vs_trl.py --checkpoint DIR [--steps 20] [--mtp]
 """
 
 from __future__ import annotations
@@ -29,22 +32,24 @@ def peak_rss_gib() -> float:
     return float("nan")
 
 
-def ours(checkpoint: str, steps: int) -> dict:
+def ours(checkpoint: str, steps: int, pack: bool, mtp: bool) -> dict:
     out = Path(tempfile.mkdtemp()) / "run"
     cmd = [sys.executable, "-m", "dspost", "run", "recipes/sft_lora.yaml", f"model.path={checkpoint}",
            f"output_dir={out}", f"trainer.max_steps={steps}", f"trainer.batch_size={BATCH}", "trainer.grad_accum=1",
-           f"trainer.eval_every={steps + 1}", f"trainer.save_every={steps + 1}", "data.difficulty=[1, 2, 3, 4]"]
+           f"trainer.eval_every={steps + 1}", f"trainer.save_every={steps + 1}", "data.difficulty=[1, 2, 3, 4]",
+           f"data.pack={str(pack).lower()}", f"model.mtp_loss_weight={0.3 if mtp else 0}"]
     t = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if r["step"] > WARMUP and "eval/loss" not in r]
-    tokens = sum(r["perf/tokens_per_s"] * r["time/step"] for r in timed)
-    return {"tokens_per_s": tokens / sum(r["time/step"] for r in timed), "peak_gib": int(proc.stderr.split()[-1]) / 2**20,
-            "wall_s": wall}
+    seconds = sum(r["time/step"] for r in timed)
+    return {"padded": sum(r["perf/tokens_per_s"] * r["time/step"] for r in timed) / seconds,
+            "real": sum(r["train/tokens"] for r in timed) / seconds,
+            "peak_gib": int(proc.stderr.split()[-1]) / 2**20, "wall_s": wall}
 
 
-def trl(checkpoint: str, steps: int) -> dict:
+def trl(checkpoint: str, steps: int, pack: bool) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -67,44 +72,52 @@ def trl(checkpoint: str, steps: int) -> dict:
         def on_step_end(self, args, state, control, **kw):
             times.append((time.perf_counter() - self.t, state.global_step))
 
-    tokens_per_step: list[int] = []
+    tokens_per_step: list[tuple[int, int]] = []
     cfg = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, max_steps=steps,
                     learning_rate=1e-3, logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
-                    max_length=256, packing=False, assistant_only_loss=True, dataloader_num_workers=0, seed=0)
+                    max_length=256, packing=pack, assistant_only_loss=True, dataloader_num_workers=0, seed=0)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS), callbacks=[Clock()])
     collate = trainer.data_collator
 
     def counting(features):
         batch = collate(features)
-        tokens_per_step.append(int(batch["input_ids"].numel()))
+        padded = int(batch["input_ids"].numel())  # padding-free (packed) batches carry no attention mask
+        tokens_per_step.append((padded, int(batch["attention_mask"].sum()) if "attention_mask" in batch else padded))
         return batch
 
     trainer.data_collator = counting
     trainer.train()
     timed = [(dt, n) for (dt, _), n in zip(times, tokens_per_step)][WARMUP:]
-    return {"tokens_per_s": sum(n for _, n in timed) / sum(dt for dt, _ in timed), "peak_gib": peak_rss_gib()}
+    seconds = sum(dt for dt, _ in timed)
+    return {"padded": sum(n[0] for _, n in timed) / seconds, "real": sum(n[1] for _, n in timed) / seconds,
+            "peak_gib": peak_rss_gib()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--trl-only", action="store_true", help=argparse.SUPPRESS)  # the TRL process itself
+    ap.add_argument("--mtp", action="store_true", help="also run ours with its default MTP loss")
+    ap.add_argument("--trl-only", choices=["packed", "unpacked"], help=argparse.SUPPRESS)  # the TRL process itself
     args = ap.parse_args()
     if args.trl_only:
-        print(json.dumps(trl(args.checkpoint, args.steps)))
+        print(json.dumps(trl(args.checkpoint, args.steps, args.trl_only == "packed")))
         return
-    mine = ours(args.checkpoint, args.steps)
-    out = subprocess.run([sys.executable, __file__, "--checkpoint", args.checkpoint, "--steps", str(args.steps),
-                          "--trl-only"], capture_output=True, text=True, check=True)
-    theirs = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"LoRA SFT, batch {BATCH}, {args.steps} steps ({WARMUP} warm-up), fp32, CPU")
-    print("| trainer | tokens/s | vs TRL | peak RSS |")
-    print("|---|---|---|---|")
-    print(f"| TRL SFTTrainer + PEFT | {theirs['tokens_per_s']:.0f} | 1.00x | {theirs['peak_gib']:.2f} GiB |")
-    print(f"| dspost sft (LoRA) | {mine['tokens_per_s']:.0f} | {mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}x | "
-          f"{mine['peak_gib']:.2f} GiB |")
+    print("| config | trainer | padded tokens/s | real tokens/s | real vs TRL | peak RSS |")
+    print("|---|---|---|---|---|---|")
+    for pack in (False, True):
+        name = "packed" if pack else "unpacked"
+        out = subprocess.run([sys.executable, __file__, "--checkpoint", args.checkpoint, "--steps", str(args.steps),
+                              "--trl-only", name], capture_output=True, text=True, check=True)
+        theirs = json.loads(out.stdout.strip().splitlines()[-1])
+        runs = [("TRL SFTTrainer + PEFT", theirs), ("dspost sft (LoRA)", ours(args.checkpoint, args.steps, pack, False))]
+        if args.mtp:
+            runs.append(("dspost sft (LoRA), MTP loss on", ours(args.checkpoint, args.steps, pack, True)))
+        for label, r in runs:
+            print(f"| {name} | {label} | {r['padded']:.0f} | {r['real']:.0f} | {r['real'] / theirs['real']:.2f}x | "
+                  f"{r['peak_gib']:.2f} GiB |", flush=True)
 
 
 if __name__ == "__main__":

@@ -246,7 +246,7 @@ class SFTWorker:
         share = t.batch_size // self.world
         idx = idx[self.rank * share:(self.rank + 1) * share]
         micro = share // t.grad_accum
-        sums = {"loss": 0.0, "lm": 0.0, "mtp": 0.0, "tokens": 0.0}
+        sums = {"loss": 0.0, "lm": 0.0, "mtp": 0.0, "tokens": 0.0, "real_tokens": 0.0}
         for j in range(t.grad_accum):
             chunk = idx[j * micro:(j + 1) * micro]
             if self.packed is not None:
@@ -262,6 +262,8 @@ class SFTWorker:
             sums["lm"] += lm.item() / t.grad_accum
             sums["mtp"] += sum(x.item() for x in mtp) / t.grad_accum
             sums["tokens"] += ids.numel()
+            sums["real_tokens"] += float((segments >= 0).sum()) if segments is not None else sum(
+                len(self.train[i].input_ids) for i in chunk)
         all_reduce_grads(self.params, self.world)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.clip_grad_norm)
         self.opt.step()
@@ -273,7 +275,8 @@ class SFTWorker:
         seconds = time.perf_counter() - t0
         metrics = {
             "train/loss": sums["loss"], "train/lm_loss": sums["lm"], "train/grad_norm": float(grad_norm),
-            "train/lr": self.opt.param_groups[0]["lr"], "perf/tokens_per_s": sums["tokens"] * self.world / seconds,
+            "train/lr": self.opt.param_groups[0]["lr"], "train/tokens": sums["real_tokens"] * self.world,
+            "perf/tokens_per_s": sums["tokens"] * self.world / seconds,
             "time/step": seconds,
         }
         if self.ours:

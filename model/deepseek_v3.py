@@ -627,7 +627,7 @@ class DeepseekV3(nn.Module):
         out.lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         weights = mtp_weights if mtp_weights is not None else [1.0] * len(self.model.mtp_layers)
         for k, (mtp, offset) in enumerate(zip(self.model.mtp_layers, self.args.offsets)):
-            if S <= offset or weights[k] == 0:
+            if S <= offset or weights[k] == 0 or self.mtp_loss_weight == 0:
                 continue
             h, mtp_logits = self._mtp_step(mtp, h, input_ids, offset, cos, sin, mask)
             # Module k predicts t+1+offset from position t: shift labels left by `offset`.
