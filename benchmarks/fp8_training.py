@@ -3,6 +3,8 @@ the same seed and data order — fp32, `trainer.quantization=fp8`, `trainer.quan
 loss curves compared (DeepSeek-V3 reports FP8 training within 0.25% relative loss of BF16).
 
     python benchmarks/fp8_training.py --steps 300 --seed 0 --out runs/fp8_training/seed0
+    # continued training from a checkpoint (e.g. the warm start) at a lower learning rate, all levels:
+    python benchmarks/fp8_training.py --init DIR --lr 3e-4 --difficulty 1,2,3,4 --out runs/fp8_training/cont
 """
 
 from __future__ import annotations
@@ -27,22 +29,32 @@ def main() -> None:
     ap.add_argument("--out", default="runs/fp8_training")
     ap.add_argument("--window", type=int, default=20, help="average the training loss over the last N steps")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", help="start from this checkpoint instead of random initialisation")
+    ap.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    ap.add_argument("--difficulty", help="synthetic levels, e.g. 1,2,3,4 (default: the recipe's)")
+    ap.add_argument("--modes", default=",".join(MODES))
     args = ap.parse_args()
+    modes = args.modes.split(",")
+    extra = [f"model.path={args.init}"] if args.init else []
+    extra += [f"trainer.lr={args.lr}"] if args.lr else []
+    extra += [f"data.difficulty=[{args.difficulty}]"] if args.difficulty else []
     out = Path(args.out)
-    for mode in MODES:
+    for mode in modes:
         run = out / mode
         if not (run / "checkpoints" / "latest").is_file():
             subprocess.run([sys.executable, "-m", "dspost", "run", str(RECIPE), f"output_dir={run}",
                             f"trainer.quantization={mode}", f"trainer.max_steps={args.steps}", f"trainer.seed={args.seed}",
-                            f"trainer.eval_every={args.steps // 3}", f"trainer.save_every={args.steps}"], check=True)
-    rows = {mode: losses(out / mode) for mode in MODES}
+                            f"trainer.eval_every={args.steps // 3}", f"trainer.save_every={args.steps}", *extra], check=True)
+    rows = {mode: losses(out / mode) for mode in modes}
     last = range(args.steps - args.window + 1, args.steps + 1)
     base_train = sum(rows["none"][s]["train/loss"] for s in last) / args.window
     base_eval = rows["none"][args.steps]["eval/loss"]
-    print(f"tiny-math SFT, {args.steps} steps, seed {args.seed}; train loss = mean of the last {args.window} steps")
+    start = f"from {args.init}" if args.init else "from random init"
+    print(f"tiny-math SFT {start}, {args.steps} steps, seed {args.seed}, {' '.join(extra[1:] if args.init else extra)}; "
+          f"train loss = mean of the last {args.window} steps")
     print("| mode | train loss | vs fp32 | held-out loss | vs fp32 | held-out accuracy | s/step |")
     print("|---|---|---|---|---|---|---|")
-    for mode in MODES:
+    for mode in modes:
         tr = sum(rows[mode][s]["train/loss"] for s in last) / args.window
         ev = rows[mode][args.steps]["eval/loss"]
         acc = rows[mode][args.steps].get("eval/accuracy", float("nan"))
