@@ -142,8 +142,8 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, tok) -> list[li
     for i, p in enumerate(prompts):  # left padding, so every continuation starts at column L
         ids[i, L - len(p):], attention[i, L - len(p):] = torch.tensor(p), 1
     device = next(model.parameters()).device
-    out = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    out = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return [row[L:].tolist() for row in out]
 
 
