@@ -194,12 +194,18 @@ class SFTWorker:
 
     def __init__(self, recipe: BaseModel, model_path: str, rank: int = 0, world: int = 1, dist_url: str | None = None,
                  resume_from: str | None = None):
+        self.args = (recipe, model_path, dist_url, resume_from)
+        self.t, self.rank, self.world = recipe.trainer, rank, world
+
+    def setup(self) -> dict:
+        """Load data and model (separate from `__init__` so that a Ray actor's bad-input error reaches the
+        driver as itself, not as a dead actor)."""
         from dspost.data.loading import load_examples
         from dspost.lora import load_base
         from dspost.model import load_tokenizer
 
-        t, d, m = recipe.trainer, recipe.data, recipe.model
-        self.t, self.rank, self.world = t, rank, world
+        recipe, model_path, dist_url, resume_from = self.args
+        t, d, m, rank, world = recipe.trainer, recipe.data, recipe.model, self.rank, self.world
         if world > 1 and t.num_threads:
             torch.set_num_threads(t.num_threads)
         init_group(rank, world, dist_url)
@@ -234,8 +240,6 @@ class SFTWorker:
         self.opt, self.start_step = optimizer_and_start(model, t, Path(resume_from) if resume_from else None)
         self.params = [p for group in self.opt.param_groups for p in group["params"]]
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
-
-    def info(self) -> dict:
         return {"start_step": self.start_step, "notes": self.notes}
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -321,12 +325,18 @@ class Workers:
     def all(self, method: str, *args) -> list:
         if self.ray is None:
             return [getattr(w, method)(*args) for w in self.workers]
-        return self.ray.get([getattr(w, method).remote(*args) for w in self.workers])
+        return self._get([getattr(w, method).remote(*args) for w in self.workers])
 
     def first(self, method: str, *args):
         if self.ray is None:
             return getattr(self.workers[0], method)(*args)
-        return self.ray.get(getattr(self.workers[0], method).remote(*args))
+        return self._get(getattr(self.workers[0], method).remote(*args))
+
+    def _get(self, refs):
+        try:
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayTaskError as e:  # the worker's own exception (bad input stays one line)
+            raise e.cause from e
 
     def close(self) -> None:
         if self.ray is not None:
@@ -342,7 +352,7 @@ def run_sft(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> 
     resume_from = run.latest_checkpoint() if recipe.resume else None
     workers = Workers(recipe, model_path, resume_from)
     try:
-        info = workers.first("info")
+        info = workers.all("setup")[0]
         for note in info["notes"]:
             run.log.info("%s", note)
         run.resumed(resume_from, info["start_step"])

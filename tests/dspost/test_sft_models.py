@@ -89,3 +89,13 @@ def test_low_precision_training_is_refused_for_a_transformers_model(recipe, llam
                  "trainer.quantization=fp8", *ARGS])
     assert code == 2
     assert "trainer.quantization=fp8" in capsys.readouterr().err
+
+
+def test_resume_of_a_transformers_model_repeats_the_uninterrupted_run(recipe, llama, tmp_path):
+    common = ["run", str(recipe), f"model.path={llama}", "trainer.lr=3e-3", *ARGS[:-2], "trainer.save_every=2"]
+    assert main([*common, f"output_dir={tmp_path / 'full'}", "--max-steps", "4"]) == 0
+    assert main([*common, f"output_dir={tmp_path / 'cut'}", "--max-steps", "2"]) == 0
+    assert main([*common, f"output_dir={tmp_path / 'cut'}", "--max-steps", "4", "resume=true"]) == 0
+    full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [1, 2, 3, 4]
+    assert [r["train/loss"] for r in cut] == [r["train/loss"] for r in full]

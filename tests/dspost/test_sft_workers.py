@@ -38,3 +38,15 @@ def test_two_workers_train_like_one_accumulating_worker(recipe, tmp_path, monkey
     # the router bias update saw the load of both workers' tokens
     bias = [k for k in wa if k.endswith("e_score_correction_bias")]
     assert bias and all(torch.equal(wa[k], wb[k]) for k in bias) and any(wa[k].abs().sum() > 0 for k in bias)
+
+
+def test_bad_data_on_ray_workers_is_a_one_line_error(recipe, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("ray")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "What is 1 + 1?", "completion": ""}\n' * 20)
+    code = main(["run", str(recipe), f"output_dir={tmp_path / 'o'}", *ARGS, f"data.path={data}",
+                 "trainer.num_workers=2", "trainer.num_cpus_per_worker=1", "ray.num_cpus=2"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "20/20 rows are bad" in err[-1] and "row 0" in err[-1]
