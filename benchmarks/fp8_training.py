@@ -35,9 +35,9 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     args = ap.parse_args()
     modes = args.modes.split(",")
-    extra = [f"model.path={args.init}"] if args.init else []
-    extra += [f"trainer.lr={args.lr}"] if args.lr else []
-    extra += [f"data.difficulty=[{args.difficulty}]"] if args.difficulty else []
+    settings = ([f"trainer.lr={args.lr}"] if args.lr else []) + (
+        [f"data.difficulty=[{args.difficulty}]"] if args.difficulty else [])
+    extra = ([f"model.path={args.init}"] if args.init else []) + settings
     out = Path(args.out)
     for mode in modes:
         run = out / mode
@@ -50,7 +50,7 @@ def main() -> None:
     base_train = sum(rows["none"][s]["train/loss"] for s in last) / args.window
     base_eval = rows["none"][args.steps]["eval/loss"]
     start = f"from {args.init}" if args.init else "from random init"
-    print(f"tiny-math SFT {start}, {args.steps} steps, seed {args.seed}, {' '.join(extra[1:] if args.init else extra)}; "
+    print(f"tiny-math SFT {start}, {args.steps} steps, seed {args.seed}, {' '.join(settings)}; "
           f"train loss = mean of the last {args.window} steps")
     print("| mode | train loss | vs fp32 | held-out loss | vs fp32 | held-out accuracy | s/step |")
     print("|---|---|---|---|---|---|---|")

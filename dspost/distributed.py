@@ -63,7 +63,7 @@ def all_reduce_grads(params: list[torch.Tensor], world: int) -> None:
 
 def all_reduce_router_load(model, world: int) -> None:
     """Sum each router's accumulated expert load over the group before the bias update."""
-    if world == 1 or not hasattr(model, "moe_layers"):
+    if world == 1:
         return
     import torch.distributed as dist
 

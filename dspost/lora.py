@@ -89,7 +89,7 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | 
     with atomic_dir(out_dir) as tmp:
         tokenizer_from = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
         tokenizer = load_tokenizer(str(tokenizer_from)) if (tokenizer_from / "tokenizer_config.json").is_file() else None
-        if _ours(model):
+        if is_ours(model):
             write_checkpoint(model, tmp, tokenizer=tokenizer)
         else:
             model.save_pretrained(tmp)
@@ -98,7 +98,9 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | 
     return out_dir
 
 
-def _ours(model) -> bool:
+def is_ours(model) -> bool:
+    """Our DeepseekV3, bare or under PEFT adapters (vs a transformers model)."""
     from dspost.model import DeepseekV3
 
-    return isinstance(model, DeepseekV3)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return isinstance(base, DeepseekV3)

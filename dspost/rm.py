@@ -18,8 +18,8 @@ from pydantic import BaseModel
 from dspost.data.loading import BadRows
 from dspost.model.quant import apply_training_precision
 from dspost.rundir import RunDir
-from dspost.sft import batch_indices, save_checkpoint
-from dspost.training import optimizer_and_start, set_lr
+from dspost.sft import batch_indices
+from dspost.training import optimizer_and_start, save_checkpoint, set_lr
 
 
 def tokenize_pairs(pairs, tok, max_len: int, bad: BadRows, offset: int = 0) -> list[tuple[list[int], list[int]]]:

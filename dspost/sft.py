@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from dspost.data.loading import BadRows, Example
 from dspost.distributed import (all_reduce_grads, all_reduce_mean, all_reduce_router_load, group_url, init_group,
                                 shutdown_group, start_ray)
-from dspost.lora import add_adapters, load_adapters, merge_lora, merged
+from dspost.lora import add_adapters, is_ours, load_adapters, merge_lora, merged
 from dspost.model.quant import apply_training_precision
 from dspost.rundir import RunDir
 from dspost.training import optimizer_and_start, save_training_checkpoint, set_lr
@@ -134,7 +134,7 @@ def eval_loss(model, data: list[Tokenized], pad_id: int, batch_size: int) -> flo
 @torch.no_grad()
 def greedy(model, prompts: list[list[int]], max_new_tokens: int, tok) -> list[list[int]]:
     """Greedy continuations of `prompts` (new tokens only) from our model or a transformers causal LM."""
-    if _ours(model):
+    if is_ours(model):
         return model.generate(prompts, max_new_tokens, eos_token_id=tok.eos_token_id)
     L = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), L), tok.pad_token_id, dtype=torch.long)
@@ -167,16 +167,9 @@ def eval_accuracy(model, examples: list[Example], tok, max_new_tokens: int = 48,
     return correct / max(len(scored), 1)
 
 
-def _ours(model) -> bool:
-    from dspost.model import DeepseekV3
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return isinstance(base, DeepseekV3)
-
-
 def lm_loss(model, ids, labels, segments=None, positions=None):
     """(loss to minimise, next-token loss, MTP losses). Labels are already next-token aligned."""
-    if _ours(model):
+    if is_ours(model):
         packed = {"segment_ids": segments, "position_ids": positions} if segments is not None else {}
         out = model(ids, labels=labels, **packed)
         return out.loss, out.lm_loss, out.mtp_losses
@@ -221,7 +214,7 @@ class SFTWorker:
 
         dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
         model = load_base(model_path if t.lora else (resume_from or model_path), dtype=dtype)
-        self.ours = _ours(model)
+        self.ours = is_ours(model)
         self.bias_speed = m.bias_update_speed if self.ours else 0.0
         if self.ours:
             model.mtp_loss_weight, model.balance_alpha = m.mtp_loss_weight, m.seq_balance_loss_weight
@@ -377,10 +370,3 @@ def run_sft(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> 
         run.log.info("merged the LoRA adapter of %s into %s", final, merged_dir)
         return merged_dir
     return final
-
-
-def save_checkpoint(run: RunDir, model, tok, opt, step: int) -> Path:
-    path = save_training_checkpoint(run.checkpoint_path(step), model, tok, opt, step)
-    run.mark_latest(step)
-    run.log.info("saved %s", path)
-    return path

@@ -35,6 +35,14 @@ def save_training_checkpoint(path: Path, model, tokenizer, optimizer, step: int,
     return path
 
 
+def save_checkpoint(run, model, tokenizer, optimizer, step: int) -> Path:
+    """A run's checkpoint of `step`, marked latest."""
+    path = save_training_checkpoint(run.checkpoint_path(step), model, tokenizer, optimizer, step)
+    run.mark_latest(step)
+    run.log.info("saved %s", path)
+    return path
+
+
 def load_training_state(path: Path, optimizer) -> dict:
     state = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])

@@ -57,3 +57,17 @@ def vllm_engine(served_checkpoint):
     engine = VLLMEngine(str(path), max_model_len=512, kv_cache_gb=1)
     yield engine
     del engine
+
+
+def fresh_engine_logprobs(path, seqs) -> list[list[float]]:
+    """A freshly started engine in its own process (vLLM keeps process-global state per engine)."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from dspost.rollout.engine import VLLMEngine; "
+            "e = VLLMEngine(sys.argv[1], max_model_len=256, kv_cache_gb=1); "
+            "print('RESULT' + json.dumps(e.sequence_logprobs(json.loads(sys.argv[2]))))")
+    out = subprocess.run([sys.executable, "-c", code, str(path), json.dumps(seqs)], capture_output=True, text=True,
+                         check=True)
+    return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))[6:])

@@ -67,3 +67,21 @@ def test_lora_resume_repeats_the_uninterrupted_run_exactly(recipe, tmp_path):
 def test_merge_lora_names_a_directory_that_is_not_an_adapter(tmp_path, capsys):
     assert main(["merge-lora", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+@pytest.mark.vllm
+def test_vllm_serves_the_merged_checkpoint(recipe, tmp_path):
+    pytest.importorskip("vllm")
+    from dspost.model import from_pretrained
+    from dspost.trainer_worker import token_logprobs
+    from tests.conftest import fresh_engine_logprobs
+
+    out = tmp_path / "run"
+    run(recipe, out, "--max-steps", "2")
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (9, 25)]
+    served = fresh_engine_logprobs(out / "merged", seqs)
+    model = from_pretrained(out / "merged").eval()
+    with torch.no_grad():
+        ours = [token_logprobs(model, torch.tensor([s]))[0][0] for s in seqs]
+    assert max(float((torch.tensor(v) - o).abs().max()) for v, o in zip(served, ours)) < 1e-3

@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from dspost.cli import main
 from dspost.rundir import read_metrics
 
@@ -12,20 +10,13 @@ ARGS = ["model.warm_start=false", "data.num_train=64", "data.num_eval=8", "data.
         "trainer.warmup_steps=1", "trainer.lr=1e-3"]
 
 
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    path = tmp_path_factory.mktemp("recipes") / "sft_test.yaml"
-    path.write_text("kind: sft\n")
-    return path
+def run(sft_recipe, out, *extra):
+    assert main(["run", str(sft_recipe), f"output_dir={out}", *ARGS, *extra]) == 0
 
 
-def run(recipe, out, *extra):
-    assert main(["run", str(recipe), f"output_dir={out}", *ARGS, *extra]) == 0
-
-
-def test_run_directory_contract(recipe, tmp_path):
+def test_run_directory_contract(sft_recipe, tmp_path):
     out = tmp_path / "run"
-    run(recipe, out, "--max-steps", "4")
+    run(sft_recipe, out, "--max-steps", "4")
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all("train/loss" in r for r in rows)
@@ -42,26 +33,26 @@ def test_run_directory_contract(recipe, tmp_path):
     assert main(["plot", str(out)]) == 0
 
 
-def test_resume_repeats_the_uninterrupted_run_exactly(recipe, tmp_path):
-    run(recipe, tmp_path / "full", "--max-steps", "6")
-    run(recipe, tmp_path / "cut", "--max-steps", "2")
-    run(recipe, tmp_path / "cut", "--max-steps", "6", "resume=true")
+def test_resume_repeats_the_uninterrupted_run_exactly(sft_recipe, tmp_path):
+    run(sft_recipe, tmp_path / "full", "--max-steps", "6")
+    run(sft_recipe, tmp_path / "cut", "--max-steps", "2")
+    run(sft_recipe, tmp_path / "cut", "--max-steps", "6", "resume=true")
     full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert [r["step"] for r in cut] == [1, 2, 3, 4, 5, 6]
     assert [r["train/loss"] for r in cut] == [r["train/loss"] for r in full]
     assert [r.get("eval/loss") for r in cut] == [r.get("eval/loss") for r in full]
 
 
-def test_bad_rows_are_counted_and_stop_the_run_past_the_limit(recipe, tmp_path, capsys):
+def test_bad_rows_are_counted_and_stop_the_run_past_the_limit(sft_recipe, tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     rows = [{"prompt": f"What is {i} + 1?", "completion": f"\\boxed{{{i + 1}}}"} for i in range(30)]
     rows += [{"prompt": "empty", "completion": ""}] * 10
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code = main(["run", str(recipe), f"output_dir={tmp_path / 'o'}", *ARGS, f"data.path={data}", "--max-steps", "1"])
+    code = main(["run", str(sft_recipe), f"output_dir={tmp_path / 'o'}", *ARGS, f"data.path={data}", "--max-steps", "1"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "10/40 rows are bad" in err and "missing or empty 'completion'" in err and "row 30" in err
-    code = main(["run", str(recipe), f"output_dir={tmp_path / 'o2'}", *ARGS, f"data.path={data}",
+    code = main(["run", str(sft_recipe), f"output_dir={tmp_path / 'o2'}", *ARGS, f"data.path={data}",
                  "data.max_bad_fraction=0.5", "--max-steps", "1"])
     assert code == 0
 
@@ -99,8 +90,8 @@ def test_packed_rows_train_like_separate_sequences():
     assert abs(packed_out.lm_loss.item() - total / n_tok) < 1e-4
 
 
-def test_packed_sft_run(recipe, tmp_path):
+def test_packed_sft_run(sft_recipe, tmp_path):
     out = tmp_path / "packed"
-    run(recipe, out, "data.pack=true", "--max-steps", "2")
+    run(sft_recipe, out, "data.pack=true", "--max-steps", "2")
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2] and all(r["train/loss"] > 0 for r in rows)

@@ -32,13 +32,6 @@ def llama(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    path = tmp_path_factory.mktemp("recipes") / "sft_llama.yaml"
-    path.write_text("kind: sft\n")
-    return path
-
-
 def test_packed_rows_train_like_separate_sequences_in_transformers(llama):
     from transformers import AutoModelForCausalLM
 
@@ -47,16 +40,17 @@ def test_packed_rows_train_like_separate_sequences_in_transformers(llama):
     samples = [Tokenized(ids := torch.randint(5, 200, (n,), generator=g).tolist(), [-100] * 3 + ids[3:])
                for n in (9, 14, 6)]
     ids, labels, segments, positions = collate_packed(pack(samples, 64), 0)
-    packed_loss = lm_loss(model, ids, labels, segments, positions)[0]
-    alone = [lm_loss(model, *collate([s], 0))[0] for s in samples]
+    with torch.no_grad():
+        packed_loss = lm_loss(model, ids, labels, segments, positions)[0]
+        alone = [lm_loss(model, *collate([s], 0))[0] for s in samples]
     counts = torch.tensor([sum(x != -100 for x in s.labels[1:]) for s in samples], dtype=torch.float32)
     # one packed row = the token-weighted mean of the samples' own losses (each sample's last label is dropped)
     assert float(packed_loss) == pytest.approx(float((torch.stack(alone) * counts).sum() / counts.sum()), abs=1e-5)
 
 
-def test_full_sft_of_a_transformers_model(recipe, llama, tmp_path):
+def test_full_sft_of_a_transformers_model(sft_recipe, llama, tmp_path):
     out = tmp_path / "full"
-    assert main(["run", str(recipe), f"output_dir={out}", f"model.path={llama}", "trainer.lr=3e-3", "data.pack=true",
+    assert main(["run", str(sft_recipe), f"output_dir={out}", f"model.path={llama}", "trainer.lr=3e-3", "data.pack=true",
                  *ARGS]) == 0
     rows = read_metrics(out)
     evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
@@ -67,12 +61,12 @@ def test_full_sft_of_a_transformers_model(recipe, llama, tmp_path):
     assert "train/mtp_loss" not in rows[0] and "moe/load_max_min_ratio" not in rows[0]
 
 
-def test_lora_sft_of_a_transformers_model_merges(recipe, llama, tmp_path):
+def test_lora_sft_of_a_transformers_model_merges(sft_recipe, llama, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora"
-    assert main(["run", str(recipe), f"output_dir={out}", f"model.path={llama}", "trainer.lr=1e-2",
+    assert main(["run", str(sft_recipe), f"output_dir={out}", f"model.path={llama}", "trainer.lr=1e-2",
                  "trainer.lora.target_modules=[q_proj,v_proj,down_proj]", "trainer.lora.r=4", *ARGS]) == 0
     adapter = out / "checkpoints" / "step_6"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
@@ -84,15 +78,15 @@ def test_lora_sft_of_a_transformers_model_merges(recipe, llama, tmp_path):
     assert (adapted - merged).abs().max() < 1e-4
 
 
-def test_low_precision_training_is_refused_for_a_transformers_model(recipe, llama, tmp_path, capsys):
-    code = main(["run", str(recipe), f"output_dir={tmp_path / 'q'}", f"model.path={llama}",
+def test_low_precision_training_is_refused_for_a_transformers_model(sft_recipe, llama, tmp_path, capsys):
+    code = main(["run", str(sft_recipe), f"output_dir={tmp_path / 'q'}", f"model.path={llama}",
                  "trainer.quantization=fp8", *ARGS])
     assert code == 2
     assert "trainer.quantization=fp8" in capsys.readouterr().err
 
 
-def test_resume_of_a_transformers_model_repeats_the_uninterrupted_run(recipe, llama, tmp_path):
-    common = ["run", str(recipe), f"model.path={llama}", "trainer.lr=3e-3", *ARGS[:-2], "trainer.save_every=2"]
+def test_resume_of_a_transformers_model_repeats_the_uninterrupted_run(sft_recipe, llama, tmp_path):
+    common = ["run", str(sft_recipe), f"model.path={llama}", "trainer.lr=3e-3", *ARGS[:-2], "trainer.save_every=2"]
     assert main([*common, f"output_dir={tmp_path / 'full'}", "--max-steps", "4"]) == 0
     assert main([*common, f"output_dir={tmp_path / 'cut'}", "--max-steps", "2"]) == 0
     assert main([*common, f"output_dir={tmp_path / 'cut'}", "--max-steps", "4", "resume=true"]) == 0

@@ -12,19 +12,12 @@ ARGS = ["model.warm_start=false", "data.num_train=64", "data.num_eval=8", "data.
         "trainer.lr=1e-3", "--max-steps", "4"]
 
 
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    path = tmp_path_factory.mktemp("recipes") / "sft_workers.yaml"
-    path.write_text("kind: sft\n")
-    return path
-
-
-def test_two_workers_train_like_one_accumulating_worker(recipe, tmp_path, monkeypatch):
+def test_two_workers_train_like_one_accumulating_worker(sft_recipe, tmp_path, monkeypatch):
     pytest.importorskip("ray")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(["run", str(recipe), f"output_dir={one}", *ARGS, "trainer.grad_accum=2"]) == 0
-    assert main(["run", str(recipe), f"output_dir={two}", *ARGS, "trainer.num_workers=2",
+    assert main(["run", str(sft_recipe), f"output_dir={one}", *ARGS, "trainer.grad_accum=2"]) == 0
+    assert main(["run", str(sft_recipe), f"output_dir={two}", *ARGS, "trainer.num_workers=2",
                  "trainer.num_cpus_per_worker=1", "trainer.num_threads=1", "ray.num_cpus=2"]) == 0
     a, b = read_metrics(one), read_metrics(two)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
@@ -40,12 +33,12 @@ def test_two_workers_train_like_one_accumulating_worker(recipe, tmp_path, monkey
     assert bias and all(torch.equal(wa[k], wb[k]) for k in bias) and any(wa[k].abs().sum() > 0 for k in bias)
 
 
-def test_bad_data_on_ray_workers_is_a_one_line_error(recipe, tmp_path, monkeypatch, capsys):
+def test_bad_data_on_ray_workers_is_a_one_line_error(sft_recipe, tmp_path, monkeypatch, capsys):
     pytest.importorskip("ray")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "What is 1 + 1?", "completion": ""}\n' * 20)
-    code = main(["run", str(recipe), f"output_dir={tmp_path / 'o'}", *ARGS, f"data.path={data}",
+    code = main(["run", str(sft_recipe), f"output_dir={tmp_path / 'o'}", *ARGS, f"data.path={data}",
                  "trainer.num_workers=2", "trainer.num_cpus_per_worker=1", "ray.num_cpus=2"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -3,15 +3,12 @@
 Unchanged weights in -> bit-identical logprobs out; changed weights in -> exactly the logprobs of a freshly
 started engine on the same checkpoint. The expert-less control shows the probe sees the experts."""
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from dspost.model import from_pretrained, hf_tensors
 from dspost.rollout.sync import SyncError, make_buckets, unpack_bucket
+from tests.conftest import fresh_engine_logprobs
 
 pytestmark = pytest.mark.vllm
 
@@ -30,16 +27,6 @@ def _probe(engine, model):
     return seqs, engine.sequence_logprobs(seqs)
 
 
-def _fresh_engine_logprobs(path, seqs):
-    """A freshly started engine in its own process (vLLM keeps process-global state per engine)."""
-    code = ("import json, sys; from dspost.rollout.engine import VLLMEngine; "
-            "e = VLLMEngine(sys.argv[1], max_model_len=256, kv_cache_gb=1); "
-            "print('RESULT' + json.dumps(e.sequence_logprobs(json.loads(sys.argv[2]))))")
-    out = subprocess.run([sys.executable, "-c", code, str(path), json.dumps(seqs)], capture_output=True, text=True,
-                         check=True)
-    return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))[6:])
-
-
 def test_sync_unchanged_then_changed_weights(vllm_engine, served_checkpoint, tmp_path):
     path, _ = served_checkpoint
     model = from_pretrained(path)
@@ -55,7 +42,7 @@ def test_sync_unchanged_then_changed_weights(vllm_engine, served_checkpoint, tmp
         for _, t in hf_tensors(model):
             t.add_(torch.randn(t.shape, generator=g) * 0.02)
     model.save_pretrained(tmp_path / "changed")
-    expected = _fresh_engine_logprobs(tmp_path / "changed", seqs)
+    expected = fresh_engine_logprobs(tmp_path / "changed", seqs)
 
     # Control: without the routed experts the engine is not the changed model.
     _sync(vllm_engine, [(k, t) for k, t in _named(model) if ".mlp.experts." not in k])
