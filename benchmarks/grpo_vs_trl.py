@@ -23,12 +23,12 @@ from pathlib import Path
 PROMPTS, N, MAX_TOKENS = 16, 8, 48
 
 
-def ours(checkpoint: str, steps: int) -> list[float]:
+def ours(checkpoint: str, steps: int, *overrides: str) -> list[float]:
     out = Path(tempfile.mkdtemp()) / "run"
     cmd = [sys.executable, "-m", "dspost", "run", "recipes/grpo_math.yaml", f"model.path={checkpoint}",
            f"output_dir={out}", f"trainer.max_steps={steps}", f"trainer.eval_every={steps + 1}",
            f"trainer.save_every={steps + 1}", f"rollout.prompts_per_step={PROMPTS}", f"rollout.n={N}",
-           f"rollout.max_tokens={MAX_TOKENS}"]
+           f"rollout.max_tokens={MAX_TOKENS}", *overrides]
     subprocess.run(cmd, check=True, capture_output=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # time/step minus the final step's eval and save, which TRL's timing has no counterpart for
@@ -79,7 +79,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     a = p.parse_args()
-    results = {"TRL GRPOTrainer": trl(a.checkpoint, a.steps), "dspost grpo": ours(a.checkpoint, a.steps)}
+    results = {"TRL GRPOTrainer": trl(a.checkpoint, a.steps), "dspost grpo": ours(a.checkpoint, a.steps),
+               # each sequence in a row of its own: the padded layout, to show what packing the update gives
+               "dspost unpacked": ours(a.checkpoint, a.steps, "algorithm.pack_len=1")}
     print(f"GRPO step, {PROMPTS} prompts x {N} completions, <= {MAX_TOKENS} tokens, median of steps "
           f"{a.warmup + 1}..{a.steps}")
     base = statistics.median(results["TRL GRPOTrainer"][a.warmup:])

@@ -201,6 +201,9 @@ class AlgorithmSection(Section):
     """Truncated importance-sampling cap on the trainer/rollout ratio."""
     minibatches: int = Field(1, ge=1)
     """Optimizer steps per rollout batch (later ones are off-policy, which is where clipping acts)."""
+    pack_len: int = Field(256, ge=1)
+    """The update packs prompt+response sequences into rows of up to this many tokens (block-diagonal
+    attention) instead of padding each to the batch's longest; a longer sequence gets a row of its own."""
     overlong_buffer: int = Field(16, ge=0)
     """DAPO: the last this-many tokens before `rollout.max_tokens` are penalised linearly down to -1."""
     routing_replay: bool = True

@@ -38,17 +38,54 @@ def pack(batch: RolloutBatch, pad_id: int) -> dict[str, torch.Tensor]:
         # response token j sits at position len(p)+j and is predicted from position len(p)+j-1
         mask[i, len(p) - 1: len(p) - 1 + len(r)] = 1
         rollout_lp[i, len(p) - 1: len(p) - 1 + len(r)] = torch.tensor(lp, dtype=torch.float32)
-    return {"ids": ids, "mask": mask, "rollout_lp": rollout_lp, "adv": torch.tensor(batch.advantages)}
+    lengths = torch.tensor([len(s) for s in seqs])
+    return {"ids": ids, "lengths": lengths, "mask": mask, "rollout_lp": rollout_lp, "adv": torch.tensor(batch.advantages)}
 
 
-def token_logprobs(model, ids: torch.Tensor, routes=None) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model, ids: torch.Tensor, routes=None, position_ids=None,
+                   segment_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position logprob of the next token [B, L-1], and the logits' entropy [B, L-1]."""
-    logits = model(ids, routes=routes).logits[:, :-1].float()
+    packed = {"position_ids": position_ids, "segment_ids": segment_ids} if segment_ids is not None else {}
+    logits = model(ids, routes=routes, **packed).logits[:, :-1].float()
     logp_all = logits.log_softmax(-1)
     lp = logp_all.gather(-1, ids[:, 1:, None])[..., 0]
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     return lp, entropy
+
+
+def packed_logprobs(model, ids: torch.Tensor, lengths: torch.Tensor, row_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs` of the padded sequences `ids` [B, L] (true `lengths` [B]), computed with the
+    sequences packed into rows of up to `row_len` tokens: block-diagonal attention, positions restarting at
+    each sequence. A GRPO batch's responses range from a few tokens to max_tokens, so padding every sequence
+    to the longest wastes a third of the update here. Returned in the [B, L-1] layout of `pack`."""
+    B, L = ids.shape
+    n = lengths.tolist()
+    rows: list[list[int]] = []  # sequence indices per row, first-fit decreasing
+    used: list[int] = []
+    for i in sorted(range(B), key=lambda i: -n[i]):
+        r = next((r for r, u in enumerate(used) if u + n[i] <= row_len), len(rows))
+        if r == len(rows):
+            rows.append([]), used.append(0)
+        rows[r].append(i)
+        used[r] += n[i]
+    S = max(used)
+    src_seq = torch.zeros(len(rows), S, dtype=torch.long)  # row token (r, t) is ids[src_seq, src_pos]
+    src_pos, segments = torch.zeros_like(src_seq), torch.full_like(src_seq, -1)
+    where_row, where_col = torch.zeros(B, L - 1, dtype=torch.long), torch.zeros(B, L - 1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        start = 0
+        for seg, i in enumerate(members):
+            span = slice(start, start + n[i])
+            src_seq[r, span], src_pos[r, span], segments[r, span] = i, torch.arange(n[i]), seg
+            # sequence i's next-token positions; its padding reads (0, 0), which its mask zeroes
+            where_row[i, : n[i] - 1], where_col[i, : n[i] - 1] = r, torch.arange(start, start + n[i] - 1)
+            start += n[i]
+    dev = ids.device
+    lp, entropy = token_logprobs(model, ids[src_seq.to(dev), src_pos.to(dev)], position_ids=src_pos.to(dev),
+                                 segment_ids=segments.to(dev))
+    where = (where_row.to(dev), where_col.to(dev))
+    return lp[where], entropy[where]
 
 
 class TrainerWorker:
@@ -95,16 +132,20 @@ class TrainerWorker:
         t0 = time.perf_counter()
         t, a = self.trainer, self.algo
         x = {k: v.to(self.device) for k, v in pack(batch, self.tokenizer.pad_token_id).items()}
-        routes = None  # routing replay needs the engine's routes, which the CPU engine cannot return
+
+        # Routing replay needs the engine's routes (the CPU engine cannot return them), laid out like the rows.
+        def logprobs(model, idx=slice(None)):
+            return packed_logprobs(model, x["ids"][idx], x["lengths"][idx], a.pack_len)
+
         # With one optimizer step per batch, every forward sees the weights that produced the batch: the
         # training forward's own logprobs (detached) are the old ones, and no separate pass is needed.
         old_lp = entropy = None
         with torch.no_grad():
             if a.minibatches > 1:
                 self.model.eval()
-                old_lp, entropy = token_logprobs(self.model, x["ids"], routes)
+                old_lp, entropy = logprobs(self.model)
                 self.model.train()
-            ref_lp = token_logprobs(self.ref, x["ids"])[0] if self.ref is not None else None
+            ref_lp = logprobs(self.ref)[0] if self.ref is not None else None
         B = x["ids"].shape[0]
         seen_lp, seen_entropy = torch.zeros_like(x["rollout_lp"]), torch.zeros_like(x["rollout_lp"])
         sums: dict[str, float] = {}
@@ -112,7 +153,7 @@ class TrainerWorker:
             for g in self.opt.param_groups:
                 g["lr"] = t.lr * lr_factor(self.step, t.warmup_steps, t.max_steps * a.minibatches, t.min_lr_ratio)
             for micro in mb.chunk(t.grad_accum):
-                lp, ent = token_logprobs(self.model, x["ids"][micro])
+                lp, ent = logprobs(self.model, micro)
                 old = old_lp[micro] if old_lp is not None else lp.detach()
                 if old_lp is None:
                     seen_lp[micro], seen_entropy[micro] = old, ent

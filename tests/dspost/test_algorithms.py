@@ -64,6 +64,26 @@ def test_advantage_registry_matches_losses():
     assert set(ADVANTAGES) == set(LOSSES)
 
 
+def test_packed_update_forward_matches_the_padded_one():
+    from dspost.model import DeepseekV3, tiny_math
+    from dspost.trainer_worker import RolloutBatch, pack, packed_logprobs, token_logprobs
+
+    torch.manual_seed(0)
+    model = DeepseekV3(tiny_math(num_hidden_layers=2)).init_weights(0).eval()
+    lens = [(5, 3), (7, 20), (4, 1), (6, 9), (30, 40)]  # the last is longer than a row: a row of its own
+    rand = lambda n: torch.randint(3, 1000, (n,)).tolist()  # noqa: E731
+    batch = RolloutBatch([rand(p) for p, _ in lens], [rand(r) for _, r in lens], [[0.0] * r for _, r in lens],
+                         [0.0] * len(lens))
+    x = pack(batch, 0)
+    with torch.no_grad():
+        want_lp, want_ent = token_logprobs(model, x["ids"])
+        got_lp, got_ent = packed_logprobs(model, x["ids"], x["lengths"], row_len=48)
+    m = x["mask"].bool()
+    assert m.sum() == sum(r for _, r in lens)
+    torch.testing.assert_close(got_lp[m], want_lp[m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_ent[m], want_ent[m], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("loss", ["gspo", "grpo"])
 def test_trainer_update_moves_probability_towards_rewarded_samples(tmp_path, loss):
     from dspost.config import ModelSection
