@@ -24,6 +24,7 @@ class LossInputs:
     advantages: Tensor  # [B]
     mask: Tensor
     ref_logprobs: Tensor | None = None
+    entropy: Tensor | None = None  # per-token entropy of the current policy, with grad (entropy bonus)
 
 
 # ---------------------------------------------------------------------------------------- advantages
@@ -132,8 +133,13 @@ LOSSES: dict[str, Callable[[LossInputs, object], tuple[Tensor, dict[str, float]]
 
 
 def policy_loss(x: LossInputs, cfg) -> tuple[Tensor, dict[str, float]]:
-    """The named policy loss plus the KL penalty to the reference model when kl_beta > 0."""
+    """The named policy loss, plus the KL penalty to the reference model when kl_beta > 0, minus the entropy
+    bonus when entropy_coef > 0."""
     loss, metrics = LOSSES[cfg.loss](x, cfg)
+    if cfg.entropy_coef > 0:
+        if x.entropy is None or not x.entropy.requires_grad:
+            raise ValueError("algorithm.entropy_coef > 0 needs the policy's entropy with its gradient")
+        loss = loss - cfg.entropy_coef * _masked_mean(x.entropy, x.mask)
     if cfg.kl_beta > 0 and x.ref_logprobs is not None:
         kl = _masked_mean(KL_ESTIMATORS[cfg.kl_estimator](x.logprobs, x.ref_logprobs), x.mask)
         loss = loss + cfg.kl_beta * kl

@@ -42,19 +42,21 @@ def pack(batch: RolloutBatch, pad_id: int) -> dict[str, torch.Tensor]:
     return {"ids": ids, "lengths": lengths, "mask": mask, "rollout_lp": rollout_lp, "adv": torch.tensor(batch.advantages)}
 
 
-def token_logprobs(model, ids: torch.Tensor, routes=None, position_ids=None,
-                   segment_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position logprob of the next token [B, L-1], and the logits' entropy [B, L-1]."""
+def token_logprobs(model, ids: torch.Tensor, routes=None, position_ids=None, segment_ids=None,
+                   entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position logprob of the next token [B, L-1], and the logits' entropy [B, L-1] (detached unless
+    `entropy_grad`: it costs a second [N, vocab] graph)."""
     packed = {"position_ids": position_ids, "segment_ids": segment_ids} if segment_ids is not None else {}
     logits = model(ids, routes=routes, **packed).logits[:, :-1].float()
     logp_all = logits.log_softmax(-1)
     lp = logp_all.gather(-1, ids[:, 1:, None])[..., 0]
-    with torch.no_grad():
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     return lp, entropy
 
 
-def packed_logprobs(model, ids: torch.Tensor, lengths: torch.Tensor, row_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_logprobs(model, ids: torch.Tensor, lengths: torch.Tensor, row_len: int,
+                    entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_logprobs` of the padded sequences `ids` [B, L] (true `lengths` [B]), computed with the
     sequences packed into rows of up to `row_len` tokens: block-diagonal attention, positions restarting at
     each sequence. A GRPO batch's responses range from a few tokens to max_tokens, so padding every sequence
@@ -83,7 +85,7 @@ def packed_logprobs(model, ids: torch.Tensor, lengths: torch.Tensor, row_len: in
             start += n[i]
     dev = ids.device
     lp, entropy = token_logprobs(model, ids[src_seq.to(dev), src_pos.to(dev)], position_ids=src_pos.to(dev),
-                                 segment_ids=segments.to(dev))
+                                 segment_ids=segments.to(dev), entropy_grad=entropy_grad)
     where = (where_row.to(dev), where_col.to(dev))
     return lp[where], entropy[where]
 
@@ -135,7 +137,7 @@ class TrainerWorker:
 
         # Routing replay needs the engine's routes (the CPU engine cannot return them), laid out like the rows.
         def logprobs(model, idx=slice(None)):
-            return packed_logprobs(model, x["ids"][idx], x["lengths"][idx], a.pack_len)
+            return packed_logprobs(model, x["ids"][idx], x["lengths"][idx], a.pack_len, a.entropy_coef > 0)
 
         # With one optimizer step per batch, every forward sees the weights that produced the batch: the
         # training forward's own logprobs (detached) are the old ones, and no separate pass is needed.
@@ -156,9 +158,9 @@ class TrainerWorker:
                 lp, ent = logprobs(self.model, micro)
                 old = old_lp[micro] if old_lp is not None else lp.detach()
                 if old_lp is None:
-                    seen_lp[micro], seen_entropy[micro] = old, ent
+                    seen_lp[micro], seen_entropy[micro] = old, ent.detach()
                 inputs = LossInputs(lp, old, x["rollout_lp"][micro], x["adv"][micro], x["mask"][micro],
-                                    ref_lp[micro] if ref_lp is not None else None)
+                                    ref_lp[micro] if ref_lp is not None else None, ent)
                 loss, m = policy_loss(inputs, a)
                 (loss * len(micro) / len(mb)).backward()
                 for k, v in {"loss": float(loss), **m}.items():

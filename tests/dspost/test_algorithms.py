@@ -60,6 +60,21 @@ def test_kl_penalty_added_with_beta():
     assert m["kl"] > 0 and loss > 0
 
 
+def test_entropy_bonus_flattens_the_policy():
+    logits = torch.tensor([[[3.0, 0.0, -1.0]] * 2], requires_grad=True)  # [1, 2 tokens, vocab 3]
+    logp = logits.log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    lp = logp[..., 0]
+    x = LossInputs(lp, lp.detach(), lp.detach(), torch.tensor([0.0]), torch.ones(1, 2), entropy=entropy)
+    loss, _ = policy_loss(x, AlgorithmSection(loss="grpo", entropy_coef=0.1))
+    loss.backward()
+    # zero advantage: only the bonus acts, and descending it moves mass off the top token
+    assert logits.grad[0, :, 0].gt(0).all() and logits.grad[0, :, 2].lt(0).all()
+    with pytest.raises(ValueError, match="entropy_coef"):
+        policy_loss(LossInputs(lp, lp.detach(), lp.detach(), torch.tensor([0.0]), torch.ones(1, 2),
+                               entropy=entropy.detach()), AlgorithmSection(entropy_coef=0.1))
+
+
 def test_advantage_registry_matches_losses():
     assert set(ADVANTAGES) == set(LOSSES)
 
