@@ -59,8 +59,9 @@ def packed_logprobs(model, ids: torch.Tensor, lengths: torch.Tensor, row_len: in
                     entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_logprobs` of the padded sequences `ids` [B, L] (true `lengths` [B]), computed with the
     sequences packed into rows of up to `row_len` tokens: block-diagonal attention, positions restarting at
-    each sequence. A GRPO batch's responses range from a few tokens to max_tokens, so padding every sequence
-    to the longest wastes a third of the update here. Returned in the [B, L-1] layout of `pack`."""
+    each sequence. Padding every sequence to the batch's longest wastes the update's time on pad tokens, up to
+    a third of it when response lengths spread from a few tokens to max_tokens. Returned in the [B, L-1]
+    layout of `pack`."""
     B, L = ids.shape
     n = lengths.tolist()
     rows: list[list[int]] = []  # sequence indices per row, first-fit decreasing
@@ -68,7 +69,8 @@ def packed_logprobs(model, ids: torch.Tensor, lengths: torch.Tensor, row_len: in
     for i in sorted(range(B), key=lambda i: -n[i]):
         r = next((r for r, u in enumerate(used) if u + n[i] <= row_len), len(rows))
         if r == len(rows):
-            rows.append([]), used.append(0)
+            rows.append([])
+            used.append(0)
         rows[r].append(i)
         used[r] += n[i]
     S = max(used)
@@ -135,7 +137,7 @@ class TrainerWorker:
         t, a = self.trainer, self.algo
         x = {k: v.to(self.device) for k, v in pack(batch, self.tokenizer.pad_token_id).items()}
 
-        # Routing replay needs the engine's routes (the CPU engine cannot return them), laid out like the rows.
+        # No routing replay: the CPU engine cannot return routes (replaying them would need them packed like the rows).
         def logprobs(model, idx=slice(None)):
             return packed_logprobs(model, x["ids"][idx], x["lengths"][idx], a.pack_len, a.entropy_coef > 0)
 
