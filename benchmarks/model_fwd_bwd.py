@@ -7,6 +7,7 @@ measured fp32 matmul rate.
 
     python benchmarks/model_fwd_bwd.py                # both configs, batch 8 x 256
     python benchmarks/model_fwd_bwd.py --config moe64 --steps 5
+    python benchmarks/model_fwd_bwd.py --compile     # also both compiled (ours: apply_compile; HF: model.compile())
 """
 
 from __future__ import annotations
@@ -53,24 +54,28 @@ def train_flops_per_token(args, seq: int) -> float:
     return 6 * weights + 3 * scores
 
 
-def load(impl: str, path: str):
+def load(impl: str, path: str, compile: bool = False):
     if impl == "dspost":
-        from dspost.model import from_pretrained
+        from dspost.model import apply_compile, from_pretrained
 
         model = from_pretrained(path).train()
         model.model.mtp_layers = torch.nn.ModuleList()  # MTP off: transformers has none
+        if compile:
+            apply_compile(model)
         return model, lambda ids: model(ids, labels=ids).lm_loss
     from transformers import DeepseekV3ForCausalLM
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     model = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+    if compile:
+        model.compile()
     return model, lambda ids: model(input_ids=ids, labels=ids).loss
 
 
 def peak_memory(impl: str, path: str, batch: int, seq: int) -> float:
     """Peak RSS (GiB) of a process that loads one model and runs two training steps."""
-    model, run = load(impl, path)
+    model, run = load(impl.removesuffix("+compile"), path, impl.endswith("+compile"))
     ids = torch.randint(0, 1024, (batch, seq))
     for _ in range(2):
         run(ids).backward()
@@ -81,15 +86,15 @@ def peak_memory(impl: str, path: str, batch: int, seq: int) -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def throughput(path: str, batch: int, seq: int, steps: int) -> dict[str, float]:
-    runs = {impl: load(impl, path)[1] for impl in ("transformers", "dspost")}
+def throughput(path: str, batch: int, seq: int, steps: int, impls: list[str]) -> dict[str, float]:
+    runs = {impl: load(impl.removesuffix("+compile"), path, impl.endswith("+compile"))[1] for impl in impls}
     ids = torch.randint(0, 1024, (batch, seq))
     times = {impl: [] for impl in runs}
-    for i in range(steps + 1):
+    for i in range(steps + 2):
         for impl, run in runs.items():
             t = time.perf_counter()
             run(ids).backward()
-            if i:  # the first round is warm-up
+            if i > 1:  # the first two rounds are warm-up (compilation)
                 times[impl].append(time.perf_counter() - t)
     return {impl: batch * seq / statistics.median(ts) for impl, ts in times.items()}
 
@@ -100,6 +105,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=10, help="timed steps per model (median reported)")
+    p.add_argument("--compile", action="store_true", help="also time both models compiled")
     p.add_argument("--child", nargs=2, metavar=("IMPL", "PATH"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -109,12 +115,13 @@ def main() -> None:
 
     rate = statistics.median(matmul_rate() for _ in range(3))
     print(f"fp32 matmul rate (2048^3): {rate / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads")
-    print(f"{'config':<10} {'impl':<13} {'tokens/s':>9} {'vs HF':>6} {'of matmul':>9} {'peak RSS':>9}")
+    print(f"{'config':<10} {'impl':<21} {'tokens/s':>9} {'vs HF':>6} {'vs HF eager':>11} {'of matmul':>9} {'peak RSS':>9}")
     for name in CONFIGS if a.config == "all" else [a.config]:
         args = tiny_math(**CONFIGS[name])
         with tempfile.TemporaryDirectory() as d:
             DeepseekV3(args).init_weights(0).save_pretrained(d)
-            tps = throughput(d, a.batch, a.seq, a.steps)
+            impls = ["transformers", "dspost"] + ["transformers+compile", "dspost+compile"] * a.compile
+            tps = throughput(d, a.batch, a.seq, a.steps, impls)
             mem = {}
             for impl in tps:
                 out = subprocess.run([sys.executable, __file__, "--child", impl, d, "--batch", str(a.batch),
@@ -123,8 +130,10 @@ def main() -> None:
             res = {impl: {"tokens_per_s": tps[impl], "peak_rss_gib": mem[impl]} for impl in tps}
         flops = train_flops_per_token(args, a.seq)
         for impl, r in res.items():
-            ratio = r["tokens_per_s"] / res["transformers"]["tokens_per_s"]
-            print(f"{name:<10} {impl:<13} {r['tokens_per_s']:>9.0f} {ratio:>5.2f}x {r['tokens_per_s'] * flops / rate:>8.0%}"
+            same_mode = "transformers+compile" if impl.endswith("+compile") else "transformers"
+            ratio = r["tokens_per_s"] / res[same_mode]["tokens_per_s"]
+            vs_eager = r["tokens_per_s"] / res["transformers"]["tokens_per_s"]
+            print(f"{name:<10} {impl:<21} {r['tokens_per_s']:>9.0f} {ratio:>5.2f}x {vs_eager:>10.2f}x {r['tokens_per_s'] * flops / rate:>8.0%}"
                   f" {r['peak_rss_gib']:>7.2f}GiB")
 
 

@@ -6,9 +6,11 @@ tokens), same LoRA (r 16, alpha 32, on the MLA projections), fp32 on the CPU. Ea
 process (peak RSS is that process's VmHWM). Tokens/s: the tokens of the timed steps (after 3 warm-up steps) over
 their time, counted with padding ("padded") and without ("real"). Configurations: unpacked and packed (TRL:
 `packing=True`, padding-free), each with the same objective as TRL (next-token loss: transformers' model has no
-MTP layer, so ours runs with `model.mtp_loss_weight=0`); `--mtp` adds our default objective (MTP loss 0.3).
+MTP layer, so ours runs with `model.mtp_loss_weight=0`); `--mtp` adds our default objective (MTP loss 0.3);
+`--compile` adds both trainers compiled (ours `trainer.compile=true`, TRL `torch_compile=True`), with more
+warm-up steps so that compilation and the dynamic-shape recompile stay out of the timing.
 
-    python benchmarks/sft_vs_trl.py --checkpoint DIR [--steps 20] [--mtp]
+    python benchmarks/sft_vs_trl.py --checkpoint DIR [--steps 20] [--mtp] [--compile]
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BATCH, WARMUP = 16, 3
+BATCH = 16
 TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 
 
@@ -32,24 +34,25 @@ def peak_rss_gib() -> float:
     return float("nan")
 
 
-def ours(checkpoint: str, steps: int, pack: bool, mtp: bool) -> dict:
+def ours(checkpoint: str, steps: int, warmup: int, pack: bool, mtp: bool, compile: bool) -> dict:
     out = Path(tempfile.mkdtemp()) / "run"
     cmd = [sys.executable, "-m", "dspost", "run", "recipes/sft_lora.yaml", f"model.path={checkpoint}",
            f"output_dir={out}", f"trainer.max_steps={steps}", f"trainer.batch_size={BATCH}", "trainer.grad_accum=1",
            f"trainer.eval_every={steps + 1}", f"trainer.save_every={steps + 1}", "data.difficulty=[1, 2, 3, 4]",
-           f"data.pack={str(pack).lower()}", f"model.mtp_loss_weight={0.3 if mtp else 0}"]
+           f"data.pack={str(pack).lower()}", f"model.mtp_loss_weight={0.3 if mtp else 0}",
+           f"trainer.compile={str(compile).lower()}"]
     t = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in rows if r["step"] > WARMUP and "eval/loss" not in r]
+    timed = [r for r in rows if r["step"] > warmup and "eval/loss" not in r]
     seconds = sum(r["time/step"] for r in timed)
     return {"padded": sum(r["perf/tokens_per_s"] * r["time/step"] for r in timed) / seconds,
             "real": sum(r["train/tokens"] for r in timed) / seconds,
             "peak_gib": int(proc.stderr.split()[-1]) / 2**20, "wall_s": wall}
 
 
-def trl(checkpoint: str, steps: int, pack: bool) -> dict:
+def trl(checkpoint: str, steps: int, warmup: int, pack: bool, compile: bool) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -75,7 +78,8 @@ def trl(checkpoint: str, steps: int, pack: bool) -> dict:
     tokens_per_step: list[tuple[int, int]] = []
     cfg = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, max_steps=steps,
                     learning_rate=1e-3, logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
-                    max_length=256, packing=pack, assistant_only_loss=True, dataloader_num_workers=0, seed=0)
+                    max_length=256, packing=pack, assistant_only_loss=True, dataloader_num_workers=0, seed=0,
+                    torch_compile=compile)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS), callbacks=[Clock()])
     collate = trainer.data_collator
@@ -88,7 +92,7 @@ def trl(checkpoint: str, steps: int, pack: bool) -> dict:
 
     trainer.data_collator = counting
     trainer.train()
-    timed = [(dt, n) for (dt, _), n in zip(times, tokens_per_step)][WARMUP:]
+    timed = [(dt, n) for (dt, _), n in zip(times, tokens_per_step)][warmup:]
     seconds = sum(dt for dt, _ in timed)
     return {"padded": sum(n[0] for _, n in timed) / seconds, "real": sum(n[1] for _, n in timed) / seconds,
             "peak_gib": peak_rss_gib()}
@@ -99,25 +103,37 @@ def main() -> None:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--mtp", action="store_true", help="also run ours with its default MTP loss")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed first steps (eager; compiled runs use 3 more)")
+    ap.add_argument("--compile", action="store_true", help="also run both trainers compiled")
+    ap.add_argument("--only", choices=["packed", "unpacked"], help="one configuration")
     ap.add_argument("--trl-only", choices=["packed", "unpacked"], help=argparse.SUPPRESS)  # the TRL process itself
+    ap.add_argument("--trl-compile", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.trl_only:
-        print(json.dumps(trl(args.checkpoint, args.steps, args.trl_only == "packed")))
+        warmup = args.warmup + 3 * args.trl_compile
+        print(json.dumps(trl(args.checkpoint, args.steps, warmup, args.trl_only == "packed", args.trl_compile)))
         return
-    print(f"LoRA SFT, batch {BATCH}, {args.steps} steps ({WARMUP} warm-up), fp32, CPU")
+    print(f"LoRA SFT, batch {BATCH}, {args.steps} steps ({args.warmup} warm-up), fp32, CPU")
     print("| config | trainer | padded tokens/s | real tokens/s | real vs TRL | peak RSS |")
     print("|---|---|---|---|---|---|")
     for pack in (False, True):
         name = "packed" if pack else "unpacked"
-        out = subprocess.run([sys.executable, __file__, "--checkpoint", args.checkpoint, "--steps", str(args.steps),
-                              "--trl-only", name], capture_output=True, text=True, check=True)
-        theirs = json.loads(out.stdout.strip().splitlines()[-1])
-        runs = [("TRL SFTTrainer + PEFT", theirs), ("dspost sft (LoRA)", ours(args.checkpoint, args.steps, pack, False))]
-        if args.mtp:
-            runs.append(("dspost sft (LoRA), MTP loss on", ours(args.checkpoint, args.steps, pack, True)))
-        for label, r in runs:
-            print(f"| {name} | {label} | {r['padded']:.0f} | {r['real']:.0f} | {r['real'] / theirs['real']:.2f}x | "
-                  f"{r['peak_gib']:.2f} GiB |", flush=True)
+        if args.only and args.only != name:
+            continue
+        for compile in (False, True) if args.compile else (False,):
+            tag, warmup = (", compiled", args.warmup + 3) if compile else ("", args.warmup)
+            out = subprocess.run([sys.executable, __file__, "--checkpoint", args.checkpoint, "--steps", str(args.steps),
+                                  "--warmup", str(args.warmup), "--trl-only", name]
+                                 + ["--trl-compile"] * compile, capture_output=True, text=True, check=True)
+            theirs = json.loads(out.stdout.strip().splitlines()[-1])
+            runs = [("TRL SFTTrainer + PEFT" + tag, theirs),
+                    ("dspost sft (LoRA)" + tag, ours(args.checkpoint, args.steps, warmup, pack, False, compile))]
+            if args.mtp:
+                runs.append(("dspost sft (LoRA), MTP loss on" + tag,
+                             ours(args.checkpoint, args.steps, warmup, pack, True, compile)))
+            for label, r in runs:
+                print(f"| {name} | {label} | {r['padded']:.0f} | {r['real']:.0f} | {r['real'] / theirs['real']:.2f}x | "
+                      f"{r['peak_gib']:.2f} GiB |", flush=True)
 
 
 if __name__ == "__main__":

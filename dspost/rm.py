@@ -19,7 +19,7 @@ from dspost.data.loading import BadRows
 from dspost.model.quant import apply_training_precision
 from dspost.rundir import RunDir
 from dspost.sft import batch_indices
-from dspost.training import optimizer_and_start, save_checkpoint, set_lr
+from dspost.training import compile_if_asked, optimizer_and_start, save_checkpoint, set_lr
 
 
 def tokenize_pairs(pairs, tok, max_len: int, bad: BadRows, offset: int = 0) -> list[tuple[list[int], list[int]]]:
@@ -94,6 +94,7 @@ def run_rm(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> P
     bias_speed = m.bias_update_speed
     if t.lora is not None:
         rm, bias_speed = _adapt(rm, t.lora, model_path, resume_from), 0.0
+    compile_if_asked(rm, t)
     rm.train()
     opt, start = optimizer_and_start(rm, t, resume_from)
     run.resumed(resume_from, start)

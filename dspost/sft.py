@@ -22,7 +22,7 @@ from dspost.distributed import (all_reduce_grads, all_reduce_mean, all_reduce_ro
 from dspost.lora import add_adapters, is_ours, load_adapters, merge_lora, merged
 from dspost.model.quant import apply_training_precision
 from dspost.rundir import RunDir
-from dspost.training import optimizer_and_start, save_training_checkpoint, set_lr
+from dspost.training import compile_if_asked, optimizer_and_start, save_training_checkpoint, set_lr
 
 
 @dataclass
@@ -83,9 +83,10 @@ def pack(samples: list[Tokenized], max_len: int) -> list[Packed]:
     return rows
 
 
-def collate_packed(batch: list[Packed], pad_id: int):
-    """ids, next-token labels, segment ids (padding is segment -1) and positions restarting per sample."""
-    S = max(len(r.input_ids) for r in batch)
+def collate_packed(batch: list[Packed], pad_id: int, length: int | None = None):
+    """ids, next-token labels, segment ids (padding is segment -1) and positions restarting per sample; rows
+    padded to the longest, or to `length` (one shape every step, which compiled code wants)."""
+    S = length or max(len(r.input_ids) for r in batch)
     ids = torch.full((len(batch), S), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), S), -100, dtype=torch.long)
     segments = torch.full((len(batch), S), -1, dtype=torch.long)
@@ -208,6 +209,7 @@ class SFTWorker:
         train_ex, self.eval_ex, bad = load_examples(d)
         self.train = tokenize(train_ex, tok, d.max_seq_len, bad)
         self.packed = pack(self.train, d.max_seq_len) if d.pack else None
+        self.row_len = d.max_seq_len if t.compile else None  # compiled code wants one shape every step
         self.held_out = tokenize(self.eval_ex, tok, d.max_seq_len, bad, offset=len(train_ex))
         bad.check(d.max_bad_fraction, d.path or "synthetic data")
         self.notes = [f"data: {len(self.train)} train, {len(self.held_out)} held-out samples; bad rows: {bad.summary()}"]
@@ -227,6 +229,7 @@ class SFTWorker:
             self.bias_speed = 0.0  # the base model, router biases included, stays frozen: only adapters are saved
             self.notes.append(f"LoRA: {sum(p.numel() for p in model.parameters() if p.requires_grad)} trainable of "
                               f"{sum(p.numel() for p in model.parameters())} parameters; router bias updates off")
+        compile_if_asked(model, t)
         # Ray exposes a GPU to this worker only when it asked for one (trainer.num_gpus_per_worker).
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.model = model.to(self.device).train()
@@ -247,7 +250,8 @@ class SFTWorker:
         for j in range(t.grad_accum):
             chunk = idx[j * micro:(j + 1) * micro]
             if self.packed is not None:
-                ids, labels, segments, positions = collate_packed([self.packed[i] for i in chunk], self.tok.pad_token_id)
+                ids, labels, segments, positions = collate_packed([self.packed[i] for i in chunk], self.tok.pad_token_id,
+                                                                 self.row_len)
             else:
                 (ids, labels), segments, positions = collate([self.train[i] for i in chunk], self.tok.pad_token_id), None, None
             ids, labels, segments, positions = (x.to(self.device) if x is not None else None

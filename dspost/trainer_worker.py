@@ -11,7 +11,7 @@ import torch
 
 from dspost.algorithms import LossInputs, policy_loss
 from dspost.distributed import all_reduce_grads, all_reduce_router_load, free_port, init_group
-from dspost.training import load_training_state, lr_factor, save_training_checkpoint
+from dspost.training import compile_if_asked, load_training_state, lr_factor, save_training_checkpoint
 
 
 @dataclass
@@ -116,6 +116,7 @@ class TrainerWorker:
             from dspost.model.quant import use_grouped_gemm
 
             use_grouped_gemm(self.model)
+        compile_if_asked(self.model, self.trainer)
         self.tokenizer = load_tokenizer(model_path)
         self.ref = from_pretrained(model_path, dtype=dtype).to(self.device).eval() if self.algo.kl_beta > 0 else None
         self.transport = None  # set by connect_weight_transfer (NCCL); the object store needs no state
@@ -165,7 +166,7 @@ class TrainerWorker:
                                     ref_lp[micro] if ref_lp is not None else None, ent)
                 loss, m = policy_loss(inputs, a)
                 (loss * len(micro) / len(mb)).backward()
-                for k, v in {"loss": float(loss), **m}.items():
+                for k, v in {"loss": float(loss.detach()), **m}.items():
                     sums[k] = sums.get(k, 0.0) + v * len(micro) / B
             all_reduce_grads(list(self.model.parameters()), self.world)
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(

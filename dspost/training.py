@@ -63,3 +63,12 @@ def optimizer_and_start(model, t, resume_from: Path | None) -> tuple[torch.optim
 def set_lr(opt: torch.optim.Optimizer, t, step: int) -> None:
     for g in opt.param_groups:
         g["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+
+
+def compile_if_asked(model, t) -> None:
+    """`trainer.compile`: compile `model`'s static-shape modules in place, or say why it cannot."""
+    from dspost.model import apply_compile
+
+    if t.compile and not apply_compile(model):
+        raise ValueError(f"trainer.compile: {type(model).__name__} holds none of dspost's DeepseekV3 modules; "
+                         "compilation is implemented for deepseek_v3 checkpoints")

@@ -126,3 +126,24 @@ def test_trainer_update_moves_probability_towards_rewarded_samples(tmp_path, los
     worker.train_step(batch)
     after = seq_lp()
     assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_compiled_trainer_update_matches_the_eager_one():
+    from dspost.config import ModelSection
+    from dspost.models import tiny_math_init
+    from dspost.trainer_worker import RolloutBatch, TrainerWorker
+
+    path = str(tiny_math_init())
+    workers = [TrainerWorker(path, {"trainer": TrainerSection(lr=1e-3, warmup_steps=0, compile=c).model_dump(),
+                                    "algorithm": AlgorithmSection().model_dump(),
+                                    "model": ModelSection(bias_update_speed=0).model_dump()}) for c in (False, True)]
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (5, 9, 7, 12)]
+    responses = [torch.randint(5, 300, (n,), generator=g).tolist() + [2] for n in (3, 20, 11, 6)]
+    batch = RolloutBatch(prompts, responses, [[-1.0] * len(r) for r in responses], [1.0, -1.0, 0.5, -0.5])
+    eager, compiled = (w.train_step(batch) for w in workers)
+    for key in ("train/loss", "train/grad_norm", "entropy"):
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
+    after = [w.sequence_logprobs([p + r for p, r in zip(prompts, responses)]) for w in workers]
+    for got, want in zip(*after):
+        assert got == pytest.approx(want, abs=1e-4)

@@ -93,3 +93,13 @@ def test_resume_of_a_transformers_model_repeats_the_uninterrupted_run(sft_recipe
     full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert [r["step"] for r in cut] == [1, 2, 3, 4]
     assert [r["train/loss"] for r in cut] == [r["train/loss"] for r in full]
+
+
+def test_compile_names_a_model_it_cannot_compile(llama, tmp_path, capsys):
+    # trainer.compile covers our DeepseekV3 only: on another model the run stops with the reason, not silently eager.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("kind: sft\n")
+    code = main(["run", str(recipe), f"output_dir={tmp_path / 'o'}", f"model.path={llama}", *ARGS[:-2],
+                 "trainer.compile=true", "--max-steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
+    assert code == 2 and err.startswith("error: trainer.compile") and "LlamaForCausalLM" in err
