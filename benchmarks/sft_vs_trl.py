@@ -11,6 +11,11 @@ MTP layer, so ours runs with `model.mtp_loss_weight=0`); `--mtp` adds our defaul
 warm-up steps so that compilation and the dynamic-shape recompile stay out of the timing.
 
     python benchmarks/sft_vs_trl.py --checkpoint DIR [--steps 20] [--mtp] [--compile]
+    python benchmarks/sft_vs_trl.py --checkpoint DIR --best 3
+
+`--best R`: each trainer in its fastest configuration on this CPU, alternated R rounds so drift hits both: TRL
+unpacked and eager (its compiled run is slower and its padding-free packing attends over the whole batch as one
+4,096-token sequence) against ours packed and compiled; real (non-padding) tokens/s, the ratio per round.
 """
 
 from __future__ import annotations
@@ -98,6 +103,21 @@ def trl(checkpoint: str, steps: int, warmup: int, pack: bool, compile: bool) -> 
             "peak_gib": peak_rss_gib()}
 
 
+def best_against_best(checkpoint: str, steps: int, warmup: int, rounds: int) -> None:
+    print("| round | TRL unpacked, eager: real tokens/s | dspost packed, compiled: real tokens/s | ratio | peak RSS (TRL / ours) |")
+    print("|---|---|---|---|---|")
+    ratios = []
+    for i in range(rounds):
+        out = subprocess.run([sys.executable, __file__, "--checkpoint", checkpoint, "--steps", str(steps), "--warmup",
+                              str(warmup), "--trl-only", "unpacked"], capture_output=True, text=True, check=True)
+        theirs = json.loads(out.stdout.strip().splitlines()[-1])
+        r = ours(checkpoint, steps, warmup + 3, True, False, True)
+        ratios.append(r["real"] / theirs["real"])
+        print(f"| {i + 1} | {theirs['real']:.0f} | {r['real']:.0f} | {ratios[-1]:.2f}x | "
+              f"{theirs['peak_gib']:.2f} / {r['peak_gib']:.2f} GiB |", flush=True)
+    print(f"median ratio {sorted(ratios)[len(ratios) // 2]:.2f}x, min {min(ratios):.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", required=True)
@@ -108,7 +128,11 @@ def main() -> None:
     ap.add_argument("--only", choices=["packed", "unpacked"], help="one configuration")
     ap.add_argument("--trl-only", choices=["packed", "unpacked"], help=argparse.SUPPRESS)  # the TRL process itself
     ap.add_argument("--trl-compile", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--best", type=int, metavar="R", help="best configuration against best, R alternating rounds")
     args = ap.parse_args()
+    if args.best:
+        best_against_best(args.checkpoint, args.steps, args.warmup, args.best)
+        return
     if args.trl_only:
         warmup = args.warmup + 3 * args.trl_compile
         print(json.dumps(trl(args.checkpoint, args.steps, warmup, args.trl_only == "packed", args.trl_compile)))
