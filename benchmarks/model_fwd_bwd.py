@@ -54,7 +54,9 @@ def train_flops_per_token(args, seq: int) -> float:
     return 6 * weights + 3 * scores
 
 
-def load(impl: str, path: str, compile: bool = False):
+def load(variant: str, path: str):
+    """`variant`: "dspost" or "transformers", with "+compile" for the compiled model."""
+    impl, compile = variant.removesuffix("+compile"), variant.endswith("+compile")
     if impl == "dspost":
         from dspost.model import apply_compile, from_pretrained
 
@@ -75,7 +77,7 @@ def load(impl: str, path: str, compile: bool = False):
 
 def peak_memory(impl: str, path: str, batch: int, seq: int) -> float:
     """Peak RSS (GiB) of a process that loads one model and runs two training steps."""
-    model, run = load(impl.removesuffix("+compile"), path, impl.endswith("+compile"))
+    model, run = load(impl, path)
     ids = torch.randint(0, 1024, (batch, seq))
     for _ in range(2):
         run(ids).backward()
@@ -87,7 +89,7 @@ def peak_memory(impl: str, path: str, batch: int, seq: int) -> float:
 
 
 def throughput(path: str, batch: int, seq: int, steps: int, impls: list[str]) -> dict[str, float]:
-    runs = {impl: load(impl.removesuffix("+compile"), path, impl.endswith("+compile"))[1] for impl in impls}
+    runs = {impl: load(impl, path)[1] for impl in impls}
     ids = torch.randint(0, 1024, (batch, seq))
     times = {impl: [] for impl in runs}
     for i in range(steps + 2):

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 BATCH = 16
+COMPILE_WARMUP = 3  # extra untimed steps for a compiled run: the first compilation and the dynamic-shape recompile
 TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 
 
@@ -103,15 +104,21 @@ def trl(checkpoint: str, steps: int, warmup: int, pack: bool, compile: bool) -> 
             "peak_gib": peak_rss_gib()}
 
 
+def trl_in_subprocess(checkpoint: str, steps: int, warmup: int, config: str, compile: bool) -> dict:
+    """TRL in a fresh process of its own, so that its peak RSS is its own."""
+    out = subprocess.run([sys.executable, __file__, "--checkpoint", checkpoint, "--steps", str(steps), "--warmup",
+                          str(warmup), "--trl-only", config] + ["--trl-compile"] * compile,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def best_against_best(checkpoint: str, steps: int, warmup: int, rounds: int) -> None:
     print("| round | TRL unpacked, eager: real tokens/s | dspost packed, compiled: real tokens/s | ratio | peak RSS (TRL / ours) |")
     print("|---|---|---|---|---|")
     ratios = []
     for i in range(rounds):
-        out = subprocess.run([sys.executable, __file__, "--checkpoint", checkpoint, "--steps", str(steps), "--warmup",
-                              str(warmup), "--trl-only", "unpacked"], capture_output=True, text=True, check=True)
-        theirs = json.loads(out.stdout.strip().splitlines()[-1])
-        r = ours(checkpoint, steps, warmup + 3, True, False, True)
+        theirs = trl_in_subprocess(checkpoint, steps, warmup, "unpacked", False)
+        r = ours(checkpoint, steps, warmup + COMPILE_WARMUP, True, False, True)
         ratios.append(r["real"] / theirs["real"])
         print(f"| {i + 1} | {theirs['real']:.0f} | {r['real']:.0f} | {ratios[-1]:.2f}x | "
               f"{theirs['peak_gib']:.2f} / {r['peak_gib']:.2f} GiB |", flush=True)
@@ -123,7 +130,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--mtp", action="store_true", help="also run ours with its default MTP loss")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed first steps (eager; compiled runs use 3 more)")
+    ap.add_argument("--warmup", type=int, default=3, help=f"untimed first steps (compiled runs add {COMPILE_WARMUP})")
     ap.add_argument("--compile", action="store_true", help="also run both trainers compiled")
     ap.add_argument("--only", choices=["packed", "unpacked"], help="one configuration")
     ap.add_argument("--trl-only", choices=["packed", "unpacked"], help=argparse.SUPPRESS)  # the TRL process itself
@@ -134,7 +141,7 @@ def main() -> None:
         best_against_best(args.checkpoint, args.steps, args.warmup, args.best)
         return
     if args.trl_only:
-        warmup = args.warmup + 3 * args.trl_compile
+        warmup = args.warmup + COMPILE_WARMUP * args.trl_compile
         print(json.dumps(trl(args.checkpoint, args.steps, warmup, args.trl_only == "packed", args.trl_compile)))
         return
     print(f"LoRA SFT, batch {BATCH}, {args.steps} steps ({args.warmup} warm-up), fp32, CPU")
@@ -145,11 +152,8 @@ def main() -> None:
         if args.only and args.only != name:
             continue
         for compile in (False, True) if args.compile else (False,):
-            tag, warmup = (", compiled", args.warmup + 3) if compile else ("", args.warmup)
-            out = subprocess.run([sys.executable, __file__, "--checkpoint", args.checkpoint, "--steps", str(args.steps),
-                                  "--warmup", str(args.warmup), "--trl-only", name]
-                                 + ["--trl-compile"] * compile, capture_output=True, text=True, check=True)
-            theirs = json.loads(out.stdout.strip().splitlines()[-1])
+            tag, warmup = (", compiled", args.warmup + COMPILE_WARMUP) if compile else ("", args.warmup)
+            theirs = trl_in_subprocess(args.checkpoint, args.steps, args.warmup, name, compile)
             runs = [("TRL SFTTrainer + PEFT" + tag, theirs),
                     ("dspost sft (LoRA)" + tag, ours(args.checkpoint, args.steps, warmup, pack, False, compile))]
             if args.mtp:

@@ -66,7 +66,7 @@ def set_lr(opt: torch.optim.Optimizer, t, step: int) -> None:
 
 
 def compile_if_asked(model, t) -> None:
-    """`trainer.compile`: compile `model`'s static-shape modules in place, or say why it cannot."""
+    """`trainer.compile`: compile the blocks of `model` in place (`apply_compile`), or say why it cannot."""
     from dspost.model import apply_compile
 
     if t.compile and not apply_compile(model):

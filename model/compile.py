@@ -13,9 +13,9 @@ from torch import nn
 from dspost.model.deepseek_v3 import Block, RoutedExperts
 
 
-def _training_only(module: nn.Module, dynamic: bool | None) -> None:
+def _training_only(module: nn.Module) -> None:
     eager = module.forward
-    compiled = torch.compile(eager, dynamic=dynamic)
+    compiled = torch.compile(eager)
 
     def forward(*args, **kwargs):
         return compiled(*args, **kwargs) if torch.is_grad_enabled() else eager(*args, **kwargs)
@@ -23,7 +23,7 @@ def _training_only(module: nn.Module, dynamic: bool | None) -> None:
     module.forward = forward
 
 
-def apply_compile(model: nn.Module, dynamic: bool | None = None) -> int:
+def apply_compile(model: nn.Module) -> int:
     """Compile the blocks of our DeepseekV3 (possibly under a PEFT or reward-head wrapper) in place; returns
     how many were compiled (0 means `model` holds none of ours)."""
     n = 0
@@ -31,6 +31,6 @@ def apply_compile(model: nn.Module, dynamic: bool | None = None) -> int:
         if isinstance(module, RoutedExperts):
             module.forward = torch.compiler.disable(module.forward)
         if isinstance(module, Block):
-            _training_only(module, dynamic)
+            _training_only(module)
             n += 1
     return n

@@ -129,6 +129,8 @@ def test_trainer_update_moves_probability_towards_rewarded_samples(tmp_path, los
 
 
 def test_compiled_trainer_update_matches_the_eager_one():
+    from torch._dynamo.utils import counters
+
     from dspost.config import ModelSection
     from dspost.models import tiny_math_init
     from dspost.trainer_worker import RolloutBatch, TrainerWorker
@@ -141,7 +143,10 @@ def test_compiled_trainer_update_matches_the_eager_one():
     prompts = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (5, 9, 7, 12)]
     responses = [torch.randint(5, 300, (n,), generator=g).tolist() + [2] for n in (3, 20, 11, 6)]
     batch = RolloutBatch(prompts, responses, [[-1.0] * len(r) for r in responses], [1.0, -1.0, 0.5, -0.5])
+    torch._dynamo.reset()  # graphs cached by earlier tests would let a no-op compile pass unseen
+    graphs = counters["stats"]["unique_graphs"]
     eager, compiled = (w.train_step(batch) for w in workers)
+    assert counters["stats"]["unique_graphs"] > graphs  # the compiled path really ran
     for key in ("train/loss", "train/grad_norm", "entropy"):
         assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
     after = [w.sequence_logprobs([p + r for p, r in zip(prompts, responses)]) for w in workers]

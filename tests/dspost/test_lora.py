@@ -88,11 +88,15 @@ def test_vllm_serves_the_merged_checkpoint(recipe, tmp_path):
 
 
 def test_compiled_lora_run_trains_like_the_eager_one(recipe, tmp_path):
+    from torch._dynamo.utils import counters
+
     run(recipe, tmp_path / "eager", "--max-steps", "3")
+    torch._dynamo.reset()  # graphs cached by earlier tests would let a no-op compile pass unseen
+    graphs = counters["stats"]["unique_graphs"]
     run(recipe, tmp_path / "compiled", "--max-steps", "3", "trainer.compile=true")
+    assert counters["stats"]["unique_graphs"] > graphs  # the compiled path really ran
     eager, compiled = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
     assert [r["step"] for r in compiled] == [1, 2, 3]
     for key in ("train/loss", "eval/loss"):
         ours = [r[key] for r in compiled if key in r]
         assert ours and ours == pytest.approx([r[key] for r in eager if key in r], rel=1e-4), key
-
