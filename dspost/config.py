@@ -158,9 +158,11 @@ class RolloutSection(Section):
     n: int = Field(8, ge=1)
     """Samples per prompt (the GRPO group size)."""
     temperature: float = Field(1.0, ge=0.0)
-    """Sampling temperature."""
+    """Sampling temperature. The trainer's logprobs (ratios, entropy, KL) are of the logits divided by it, the
+    distribution the engine sampled from, whose logprobs it returns."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    """Nucleus sampling."""
+    """Nucleus sampling. The trainer's logprobs ignore the truncation; the truncated importance weight
+    (`algorithm.tis_cap`) corrects for it."""
     max_tokens: int = Field(64, ge=1)
     """New tokens per sample."""
     stop: list[str] = Field(default_factory=list)

@@ -125,7 +125,7 @@ def start_pools(recipe: BaseModel, serve_from: str, base_model: str, resume_from
     pool = RolloutPool(r.num_workers, serve_from,
                        WorkerSpec(r.num_cpus_per_worker, r.num_gpus_per_worker, r.num_threads, r.resources), engine_kwargs)
     cfg = {"trainer": recipe.trainer.model_dump(), "algorithm": recipe.algorithm.model_dump(),
-           "model": recipe.model.model_dump(), "quantize": recipe.sync.quantize}
+           "model": recipe.model.model_dump(), "quantize": recipe.sync.quantize, "temperature": r.temperature}
     env = {"OMP_NUM_THREADS": str(t.num_threads)} if t.num_threads else {}
     actor = ray.remote(TrainerWorker).options(num_cpus=t.num_cpus_per_worker, num_gpus=t.num_gpus_per_worker,
                                               resources=t.resources or None, runtime_env={"env_vars": env})

@@ -43,11 +43,14 @@ def pack(batch: RolloutBatch, pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def token_logprobs(model, ids: torch.Tensor, routes=None, position_ids=None, segment_ids=None,
-                   entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position logprob of the next token [B, L-1], and the logits' entropy [B, L-1] (detached unless
-    `entropy_grad`: it costs a second [N, vocab] graph)."""
+                   entropy_grad: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position logprob of the next token [B, L-1] under the logits divided by `temperature` (the
+    distribution the engine sampled from), and its entropy [B, L-1] (detached unless `entropy_grad`: it costs
+    a second [N, vocab] graph)."""
     packed = {"position_ids": position_ids, "segment_ids": segment_ids} if segment_ids is not None else {}
     logits = model(ids, routes=routes, **packed).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
     logp_all = logits.log_softmax(-1)
     lp = logp_all.gather(-1, ids[:, 1:, None])[..., 0]
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
@@ -56,7 +59,7 @@ def token_logprobs(model, ids: torch.Tensor, routes=None, position_ids=None, seg
 
 
 def packed_logprobs(model, ids: torch.Tensor, lengths: torch.Tensor, row_len: int,
-                    entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    entropy_grad: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_logprobs` of the padded sequences `ids` [B, L] (true `lengths` [B]), computed with the
     sequences packed into rows of up to `row_len` tokens: block-diagonal attention, positions restarting at
     each sequence. Padding every sequence to the batch's longest wastes the update's time on pad tokens, up to
@@ -87,7 +90,8 @@ def packed_logprobs(model, ids: torch.Tensor, lengths: torch.Tensor, row_len: in
             start += n[i]
     dev = ids.device
     lp, entropy = token_logprobs(model, ids[src_seq.to(dev), src_pos.to(dev)], position_ids=src_pos.to(dev),
-                                 segment_ids=segments.to(dev), entropy_grad=entropy_grad)
+                                 segment_ids=segments.to(dev), entropy_grad=entropy_grad,
+                                 temperature=temperature)
     where = (where_row.to(dev), where_col.to(dev))
     return lp[where], entropy[where]
 
@@ -103,6 +107,9 @@ class TrainerWorker:
         self.algo = SimpleNamespace(**cfg["algorithm"])
         self.model_cfg = SimpleNamespace(**cfg["model"])
         self.cfg_quantize = cfg.get("quantize", "none")  # weight format sent to the engines (quantise-on-sync)
+        # The policy trained is the one sampled from: the model's distribution at the rollout temperature
+        # (greedy rollouts, temperature 0, come with the engine's untempered logprobs).
+        self.temperature = cfg.get("temperature") or 1.0
         if self.trainer.num_threads:
             torch.set_num_threads(self.trainer.num_threads)
         torch.manual_seed(self.trainer.seed + rank)
@@ -140,7 +147,8 @@ class TrainerWorker:
 
         # No routing replay: the CPU engine cannot return routes (replaying them would need them packed like the rows).
         def logprobs(model, idx=slice(None)):
-            return packed_logprobs(model, x["ids"][idx], x["lengths"][idx], a.pack_len, a.entropy_coef > 0)
+            return packed_logprobs(model, x["ids"][idx], x["lengths"][idx], a.pack_len, a.entropy_coef > 0,
+                                   self.temperature)
 
         # With one optimizer step per batch, every forward sees the weights that produced the batch: the
         # training forward's own logprobs (detached) are the old ones, and no separate pass is needed.

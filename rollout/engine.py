@@ -52,6 +52,9 @@ class VLLMEngine:
                        distributed_executor_backend="uni", enforce_eager=enforce_eager, seed=seed,
                        skip_tokenizer_init=not self.detokenize,
                        worker_extension_cls="dspost.rollout.vllm_ext.WeightSyncExtension",
+                       # A sampled token's logprob under the distribution it was drawn from (after temperature
+                       # and top-p), which the trainer's importance ratios compare against.
+                       logprobs_mode="processed_logprobs",
                        # GPU pools receive weights over NCCL through vLLM's weight-transfer engine.
                        **({"weight_transfer_config": {"backend": weight_transfer}} if weight_transfer else {}))
         # vLLM's CPU backend cannot return routed experts (needs Model Runner V2, which needs Triton).

@@ -152,3 +152,25 @@ def test_compiled_trainer_update_matches_the_eager_one():
     after = [w.sequence_logprobs([p + r for p, r in zip(prompts, responses)]) for w in workers]
     for got, want in zip(*after):
         assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_trainer_computes_logprobs_at_the_rollout_temperature():
+    from dspost.config import ModelSection
+    from dspost.model import from_pretrained
+    from dspost.models import tiny_math_init
+    from dspost.trainer_worker import RolloutBatch, TrainerWorker, pack, token_logprobs
+
+    cfg = {"trainer": TrainerSection(lr=1e-3, warmup_steps=0).model_dump(), "algorithm": AlgorithmSection().model_dump(),
+           "model": ModelSection(bias_update_speed=0).model_dump(), "temperature": 0.7}
+    prompts, responses = [[4, 100, 101, 5], [4, 102, 5]], [[200, 201, 2], [300, 301, 302, 303, 2]]
+
+    model = from_pretrained(tiny_math_init()).eval()
+
+    def batch(temperature):
+        x = pack(RolloutBatch(prompts, responses, [[0.0] * len(r) for r in responses], [1.0, -1.0]), 0)
+        with torch.no_grad():
+            lp = token_logprobs(model, x["ids"], temperature=temperature)[0]
+        return RolloutBatch(prompts, responses, [row[m.bool()].tolist() for row, m in zip(lp, x["mask"])], [1.0, -1.0])
+
+    assert TrainerWorker(str(tiny_math_init()), cfg).train_step(batch(0.7))["train/rollout_logprob_diff"] < 1e-5
+    assert TrainerWorker(str(tiny_math_init()), cfg).train_step(batch(1.0))["train/rollout_logprob_diff"] > 1e-2
