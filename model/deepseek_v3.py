@@ -603,13 +603,15 @@ class DeepseekV3(nn.Module):
         return (freqs.cos() * self.rope_attn_factor).to(dtype), (freqs.sin() * self.rope_attn_factor).to(dtype)
 
     @staticmethod
-    def attention_mask(segment_ids: torch.Tensor | None, S: int, device) -> torch.Tensor | None:
-        """Causal mask, block-diagonal over packed segments; None = plain causal (SDPA's fast path)."""
+    def attention_mask(segment_ids: torch.Tensor | None, S: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Causal mask, block-diagonal over packed segments, additive (0 / -inf): SDPA would turn a boolean one
+        into this in every layer. None = plain causal (SDPA's fast path)."""
         if segment_ids is None:
             return None
-        causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+        causal = torch.ones(S, S, dtype=torch.bool, device=segment_ids.device).tril()
         same = segment_ids[:, :, None] == segment_ids[:, None, :]
-        return (causal & same)[:, None]
+        allowed = (causal & same)[:, None]
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
@@ -654,7 +656,7 @@ class DeepseekV3(nn.Module):
             position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, h.dtype)
-        mask = self.attention_mask(segment_ids, S, input_ids.device)
+        mask = self.attention_mask(segment_ids, S, h.dtype)
         moe_i = 0
         for layer in self.model.layers:
             replay = None
