@@ -59,7 +59,8 @@ class DataSection(Section):
     """Longest tokenized sample; longer rows are counted as bad and dropped."""
     pack: bool = False
     """SFT: pack samples into rows of `max_seq_len` tokens (attention and positions restart per sample, no loss
-    across a boundary); `trainer.batch_size` then counts rows."""
+    across a boundary); `trainer.batch_size` then counts rows. Either way our model runs each micro-batch as one
+    row without padding."""
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
     """Stop with an error if more than this fraction of rows is malformed."""
     seed: int = 0
@@ -124,7 +125,7 @@ class TrainerSection(Section):
     compile: bool = False
     """torch.compile each block of our DeepseekV3 for training (the routed experts, whose per-expert sizes change
     every step, and no-grad forwards stay eager): 1.03-1.10x faster forward+backward on this CPU after 30-60 s
-    of compilation in the first steps (cached by Inductor across runs); packed SFT rows get one fixed length."""
+    of compilation in the first steps (cached by Inductor across runs)."""
     eval_every: int = Field(50, ge=1)
     """Evaluate on the held-out set every this many steps (and at the end)."""
     save_every: int = Field(100, ge=1)

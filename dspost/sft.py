@@ -83,10 +83,22 @@ def pack(samples: list[Tokenized], max_len: int) -> list[Packed]:
     return rows
 
 
-def collate_packed(batch: list[Packed], pad_id: int, length: int | None = None):
+def one_row(items: list[Tokenized] | list[Packed]) -> Packed:
+    """Samples, or packed rows (their segments renumbered), as one row."""
+    row = Packed([], [], [])
+    for item in items:
+        segments = item.segments if isinstance(item, Packed) else [0] * len(item.input_ids)
+        first = row.segments[-1] + 1 if row.segments else 0
+        row.input_ids += item.input_ids
+        row.labels += item.labels
+        row.segments += [first + s for s in segments]
+    return row
+
+
+def collate_packed(batch: list[Packed], pad_id: int):
     """ids, next-token labels, segment ids (padding is segment -1) and positions restarting per sample; rows
-    padded to the longest, or to `length` (one shape every step, which compiled code wants)."""
-    S = length or max(len(r.input_ids) for r in batch)
+    padded to the longest."""
+    S = max(len(r.input_ids) for r in batch)
     ids = torch.full((len(batch), S), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), S), -100, dtype=torch.long)
     segments = torch.full((len(batch), S), -1, dtype=torch.long)
@@ -209,7 +221,6 @@ class SFTWorker:
         train_ex, self.eval_ex, bad = load_examples(d)
         self.train = tokenize(train_ex, tok, d.max_seq_len, bad)
         self.packed = pack(self.train, d.max_seq_len) if d.pack else None
-        self.row_len = d.max_seq_len if t.compile else None  # compiled code wants one shape every step
         self.held_out = tokenize(self.eval_ex, tok, d.max_seq_len, bad, offset=len(train_ex))
         bad.check(d.max_bad_fraction, d.path or "synthetic data")
         self.notes = [f"data: {len(self.train)} train, {len(self.held_out)} held-out samples; bad rows: {bad.summary()}"]
@@ -217,6 +228,9 @@ class SFTWorker:
         dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
         model = load_base(model_path if t.lora else (resume_from or model_path), dtype=dtype)
         self.ours = is_ours(model)
+        # Our model attends per sample within a row, so a micro-batch runs as one row without pad tokens; the
+        # sequence-wise balance loss would see that row as one sequence.
+        self.padding_free = self.ours and m.seq_balance_loss_weight == 0
         self.bias_speed = m.bias_update_speed if self.ours else 0.0
         if self.ours:
             model.mtp_loss_weight, model.balance_alpha = m.mtp_loss_weight, m.seq_balance_loss_weight
@@ -249,9 +263,11 @@ class SFTWorker:
         sums = {"loss": 0.0, "lm": 0.0, "mtp": 0.0, "tokens": 0.0, "real_tokens": 0.0}
         for j in range(t.grad_accum):
             chunk = idx[j * micro:(j + 1) * micro]
-            if self.packed is not None:
-                ids, labels, segments, positions = collate_packed([self.packed[i] for i in chunk], self.tok.pad_token_id,
-                                                                 self.row_len)
+            items = [self.packed[i] for i in chunk] if self.packed is not None else [self.train[i] for i in chunk]
+            if self.padding_free:
+                ids, labels, segments, positions = collate_packed([one_row(items)], self.tok.pad_token_id)
+            elif self.packed is not None:
+                ids, labels, segments, positions = collate_packed(items, self.tok.pad_token_id)
             else:
                 (ids, labels), segments, positions = collate([self.train[i] for i in chunk], self.tok.pad_token_id), None, None
             ids, labels, segments, positions = (x.to(self.device) if x is not None else None

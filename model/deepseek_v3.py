@@ -230,6 +230,46 @@ class KVCache:
         )
 
 
+@dataclass
+class Segments:
+    """Packed rows (several sequences per row, `segment_ids` -1 on padding) seen as their sequences, so that
+    attention runs per sequence, causal and padded to the longest, instead of over whole rows under a
+    block-diagonal mask, which spends most of its work on pairs it masks out."""
+
+    index: torch.Tensor  # [N, L] flat (row * S + column) index of each sequence's tokens; 0 past its end
+    tokens: torch.Tensor  # [T] flat indices of all real tokens, row-major
+    slots: torch.Tensor  # [T] where each real token sits in the flattened [N, L]
+
+    @classmethod
+    def of(cls, segment_ids: torch.Tensor) -> "Segments":
+        S = segment_ids.shape[1]
+        flat = segment_ids.flatten()
+        tokens = (flat >= 0).nonzero()[:, 0]
+        # A sequence is a run of one (row, segment) pair: segments are contiguous within a row.
+        _, seq, counts = torch.unique_consecutive(tokens // S * S + flat[tokens], return_inverse=True,
+                                                  return_counts=True)
+        pos = torch.arange(len(tokens), device=flat.device) - (counts.cumsum(0) - counts)[seq]
+        L = int(counts.max())
+        index = torch.zeros(len(counts) * L, dtype=torch.long, device=flat.device)
+        index[seq * L + pos] = tokens
+        return cls(index.view(-1, L), tokens, seq * L + pos)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """SDPA of [B, S, H, d] rows, per sequence; padding tokens get zeros."""
+        B, S, H, _ = q.shape
+        N, L = self.index.shape
+
+        # index_select, not advanced indexing: its backward is an index_add, several times faster here.
+        def per_sequence(x: torch.Tensor) -> torch.Tensor:  # [N, H, L, d]
+            return x.reshape(B * S, -1).index_select(0, self.index.flatten()).view(N, L, H, -1).transpose(1, 2)
+
+        # Queries past a sequence's end read token 0; causal attention keeps every real query off them.
+        o = F.scaled_dot_product_attention(per_sequence(q), per_sequence(k), per_sequence(v), is_causal=True,
+                                           scale=scale)
+        o = o.transpose(1, 2).reshape(N * L, -1).index_select(0, self.slots)
+        return o.new_zeros(B * S, o.shape[-1]).index_copy(0, self.tokens, o).view(B, S, H, -1)
+
+
 class MLA(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -257,8 +297,8 @@ class MLA(nn.Module):
             return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         return self.q_proj(x)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: "torch.Tensor | Segments | None", cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         a = self.args
         B, S, _ = x.shape
         H, dn, dr, dv, C = a.num_attention_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.kv_lora_rank
@@ -273,10 +313,13 @@ class MLA(nn.Module):
             k_nope, v = self.kv_b_proj(c_kv).view(B, S, H, dn + dv).split([dn, dv], dim=-1)
             k = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, H, dr)], dim=-1)
             q = torch.cat([q_nope, q_pe], dim=-1)
-            o = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
-            ).transpose(1, 2)
+            if isinstance(mask, Segments):
+                o = mask.attend(q, k, v, self.softmax_scale)
+            else:
+                o = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                    attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
+                ).transpose(1, 2)
         else:
             o = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask, cache, layer)
         return self.o_proj(o.reshape(B, S, H * dv))
@@ -602,17 +645,6 @@ class DeepseekV3(nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
         return (freqs.cos() * self.rope_attn_factor).to(dtype), (freqs.sin() * self.rope_attn_factor).to(dtype)
 
-    @staticmethod
-    def attention_mask(segment_ids: torch.Tensor | None, S: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """Causal mask, block-diagonal over packed segments, additive (0 / -inf): SDPA would turn a boolean one
-        into this in every layer. None = plain causal (SDPA's fast path)."""
-        if segment_ids is None:
-            return None
-        causal = torch.ones(S, S, dtype=torch.bool, device=segment_ids.device).tril()
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]
-        allowed = (causal & same)[:, None]
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 routes: list[torch.Tensor] | None = None, mtp_weights: list[float] | None = None,
@@ -656,7 +688,7 @@ class DeepseekV3(nn.Module):
             position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, h.dtype)
-        mask = self.attention_mask(segment_ids, S, h.dtype)
+        mask = Segments.of(segment_ids) if segment_ids is not None else None
         moe_i = 0
         for layer in self.model.layers:
             replay = None

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from dspost.cli import main
 from dspost.rundir import read_metrics
 
@@ -88,6 +90,37 @@ def test_packed_rows_train_like_separate_sequences():
         k = int((lab != -100).sum())
         total, n_tok = total + out.lm_loss.item() * k, n_tok + k
     assert abs(packed_out.lm_loss.item() - total / n_tok) < 1e-4
+
+
+def test_padding_free_row_gives_the_padded_batch_loss_and_gradients():
+    """A micro-batch as one row without pad tokens (samples, or packed rows renumbered) trains exactly like the
+    padded batch: same next-token and MTP losses, same gradients."""
+    import torch
+
+    from dspost.model import DeepseekV3
+    from dspost.sft import Tokenized, collate, collate_packed, one_row, pack
+    from tests.model.conftest import small_args
+
+    model = DeepseekV3(small_args()).init_weights(0).train()
+    g = torch.Generator().manual_seed(1)
+    samples = [Tokenized(ids := torch.randint(6, 90, (n,), generator=g).tolist(), [-100] * 3 + ids[3:])
+               for n in (7, 12, 5, 9, 16)]
+
+    def loss_and_grads(ids, labels, segments=None, positions=None):
+        model.zero_grad()
+        out = model(ids, labels=labels, segment_ids=segments, position_ids=positions)
+        out.loss.backward()
+        return out.lm_loss.item(), [x.item() for x in out.mtp_losses], [p.grad.clone() for p in model.parameters()]
+
+    padded = loss_and_grads(*collate(samples, pad_id=0))
+    for row in (one_row(samples), one_row(pack(samples, max_len=20))):
+        assert row.segments == sum(([k] * len(s.input_ids) for k, s in enumerate(samples)), [])
+        ids, labels, segments, positions = collate_packed([row], pad_id=0)
+        assert ids.shape == (1, sum(len(s.input_ids) for s in samples))
+        free = loss_and_grads(ids, labels, segments, positions)
+        assert free[0] == pytest.approx(padded[0], abs=1e-5) and free[1] == pytest.approx(padded[1], abs=1e-5)
+        for a, b in zip(free[2], padded[2]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_packed_sft_run(sft_recipe, tmp_path):
