@@ -11,11 +11,12 @@ MTP layer, so ours runs with `model.mtp_loss_weight=0`); `--mtp` adds our defaul
 warm-up steps so that compilation and the dynamic-shape recompile stay out of the timing.
 
     python benchmarks/sft_vs_trl.py --checkpoint DIR [--steps 20] [--mtp] [--compile]
-    python benchmarks/sft_vs_trl.py --checkpoint DIR --best 3
+    python benchmarks/sft_vs_trl.py --checkpoint DIR --rounds 3 [--only packed]
 
-`--best R`: each trainer in its fastest configuration on this CPU, alternated R rounds so drift hits both: TRL
-unpacked and eager (its compiled run is slower and its padding-free packing attends over the whole batch as one
-4,096-token sequence) against ours packed and compiled; real (non-padding) tokens/s, the ratio per round.
+`--rounds R`: TRL in its fastest configuration on this CPU, unpacked and eager (its compiled run is slower and its
+padding-free packing attends over the whole batch as one 4,096-token sequence), against ours eager and compiled,
+alternated R rounds so drift hits all three; by default ours on the same batch (16 samples per step, which ours
+runs padding-free), with `--only packed` ours on packed rows. Real (non-padding) tokens/s, the ratio per round.
 """
 
 from __future__ import annotations
@@ -112,17 +113,24 @@ def trl_in_subprocess(checkpoint: str, steps: int, warmup: int, config: str, com
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def best_against_best(checkpoint: str, steps: int, warmup: int, rounds: int) -> None:
-    print("| round | TRL unpacked, eager: real tokens/s | dspost packed, compiled: real tokens/s | ratio | peak RSS (TRL / ours) |")
-    print("|---|---|---|---|---|")
-    ratios = []
+def alternated(checkpoint: str, steps: int, warmup: int, rounds: int, pack: bool) -> None:
+    """TRL unpacked and eager (its fastest here) against ours eager and compiled, R alternating rounds."""
+    config = "packed" if pack else "unpacked (the same 16 samples per step, padding-free)"
+    print(f"| round | TRL unpacked, eager | dspost {config}, eager | ratio | dspost, compiled | ratio | peak RSS "
+          "(TRL / eager / compiled) |")
+    print("|---|---|---|---|---|---|---|")
+    ratios: list[tuple[float, float]] = []
     for i in range(rounds):
         theirs = trl_in_subprocess(checkpoint, steps, warmup, "unpacked", False)
-        r = ours(checkpoint, steps, warmup + COMPILE_WARMUP, True, False, True)
-        ratios.append(r["real"] / theirs["real"])
-        print(f"| {i + 1} | {theirs['real']:.0f} | {r['real']:.0f} | {ratios[-1]:.2f}x | "
-              f"{theirs['peak_gib']:.2f} / {r['peak_gib']:.2f} GiB |", flush=True)
-    print(f"median ratio {sorted(ratios)[len(ratios) // 2]:.2f}x, min {min(ratios):.2f}x")
+        eager = ours(checkpoint, steps, warmup, pack, False, False)
+        compiled = ours(checkpoint, steps, warmup + COMPILE_WARMUP, pack, False, True)
+        ratios.append((eager["real"] / theirs["real"], compiled["real"] / theirs["real"]))
+        peaks = " / ".join(f"{r['peak_gib']:.2f}" for r in (theirs, eager, compiled))
+        print(f"| {i + 1} | {theirs['real']:.0f} | {eager['real']:.0f} | {ratios[-1][0]:.2f}x | "
+              f"{compiled['real']:.0f} | {ratios[-1][1]:.2f}x | {peaks} GiB |", flush=True)
+    for k, mode in enumerate(("eager", "compiled")):
+        r = sorted(x[k] for x in ratios)
+        print(f"{mode}: median ratio {r[len(r) // 2]:.2f}x, min {r[0]:.2f}x")
 
 
 def main() -> None:
@@ -135,10 +143,12 @@ def main() -> None:
     ap.add_argument("--only", choices=["packed", "unpacked"], help="one configuration")
     ap.add_argument("--trl-only", choices=["packed", "unpacked"], help=argparse.SUPPRESS)  # the TRL process itself
     ap.add_argument("--trl-compile", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--best", type=int, metavar="R", help="best configuration against best, R alternating rounds")
+    ap.add_argument("--rounds", type=int, metavar="R",
+                    help="TRL's fastest (unpacked, eager) against ours eager and compiled, R alternating rounds, on "
+                         "the --only configuration of ours (default unpacked)")
     args = ap.parse_args()
-    if args.best:
-        best_against_best(args.checkpoint, args.steps, args.warmup, args.best)
+    if args.rounds:
+        alternated(args.checkpoint, args.steps, args.warmup, args.rounds, args.only == "packed")
         return
     if args.trl_only:
         warmup = args.warmup + COMPILE_WARMUP * args.trl_compile

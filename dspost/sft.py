@@ -184,7 +184,7 @@ def lm_loss(model, ids, labels, segments=None, positions=None):
     """(loss to minimise, next-token loss, MTP losses). Labels are already next-token aligned."""
     if is_ours(model):
         packed = {"segment_ids": segments, "position_ids": positions} if segments is not None else {}
-        out = model(ids, labels=labels, **packed)
+        out = model(ids, labels=labels, return_logits=False, **packed)
         return out.loss, out.lm_loss, out.mtp_losses
     # transformers reads packed rows from position ids that restart per sample (no attention mask given)
     logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits

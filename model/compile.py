@@ -15,7 +15,9 @@ from dspost.model.deepseek_v3 import Block, RoutedExperts
 
 def _training_only(module: nn.Module) -> None:
     eager = module.forward
-    compiled = torch.compile(eager)
+    # Dynamic from the start: padding-free rows change length every step, and shapes found dynamic one at a time
+    # recompile mid-run (seconds each) into graphs that are slower than one compiled dynamic up front.
+    compiled = torch.compile(eager, dynamic=True)
 
     def forward(*args, **kwargs):
         return compiled(*args, **kwargs) if torch.is_grad_enabled() else eager(*args, **kwargs)

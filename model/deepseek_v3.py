@@ -579,7 +579,7 @@ class MTPLayer(Block):
 # ---------------------------------------------------------------------------------------------- model
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     mtp_losses: list[torch.Tensor] = field(default_factory=list)
@@ -648,29 +648,31 @@ class DeepseekV3(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 routes: list[torch.Tensor] | None = None, mtp_weights: list[float] | None = None,
-                return_hidden: bool = False) -> ModelOutput:
+                return_hidden: bool = False, return_logits: bool = True) -> ModelOutput:
         """`segment_ids` [B, S] separates packed sequences (and padding); `routes` replays expert indices
-        [T, K] per MoE layer of the main stack (routing replay)."""
+        [T, K] per MoE layer of the main stack (routing replay). With labels and `return_logits=False` the head
+        runs only where a target is and `logits` is None: the same losses, without the head's work on prompt and
+        padding positions."""
         S = input_ids.shape[1]
         h, cos, sin, mask = self.trunk(input_ids, position_ids, segment_ids, routes)
-        main_h = h
-        logits = self.lm_head(self.model.norm(h))
-        out = ModelOutput(logits=logits, hidden=main_h if return_hidden else None)
+        keep = return_logits or labels is None
+        logits = self.lm_head(self.model.norm(h)) if keep else None
+        out = ModelOutput(logits=logits, hidden=h if return_hidden else None)
         if labels is None:
             return out
-        out.lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        out.lm_loss = self._loss(self.model.norm, h, logits, labels)
         weights = mtp_weights if mtp_weights is not None else [1.0] * len(self.model.mtp_layers)
         for k, (mtp, offset) in enumerate(zip(self.model.mtp_layers, self.args.offsets)):
             if S <= offset or weights[k] == 0 or self.mtp_loss_weight == 0:
                 continue
-            h, mtp_logits = self._mtp_step(mtp, h, input_ids, offset, cos, sin, mask)
+            h = self._mtp_step(mtp, h, input_ids, offset, cos, sin, mask)
             # Module k predicts t+1+offset from position t: shift labels left by `offset`.
             mtp_labels = F.pad(labels[:, offset:], (0, offset), value=-100)
             if segment_ids is not None:  # packed rows: no target from another sequence
                 crosses = F.pad(segment_ids[:, offset:] != segment_ids[:, :-offset], (0, offset), value=True)
                 mtp_labels = mtp_labels.masked_fill(crosses, -100)
-            out.mtp_losses.append(weights[k] * F.cross_entropy(
-                mtp_logits.flatten(0, 1).float(), mtp_labels.flatten(), ignore_index=-100))
+            mtp_logits = self.lm_head(mtp.shared_head.norm(h)) if keep else None
+            out.mtp_losses.append(weights[k] * self._loss(mtp.shared_head.norm, h, mtp_logits, mtp_labels))
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         out.aux_loss = torch.stack(aux).sum() if aux else None
         out.loss = out.lm_loss
@@ -697,6 +699,14 @@ class DeepseekV3(nn.Module):
             h = layer(h, cos, sin, mask, input_ids, replay=replay, balance_alpha=self.balance_alpha)
         return h, cos, sin, mask
 
+    def _loss(self, norm: RMSNorm, h: torch.Tensor, logits: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over the positions with a target; without `logits`, the head runs on
+        those positions only."""
+        if logits is None:
+            has_target = labels != -100
+            logits, labels = self.lm_head(norm(h[has_target])), labels[has_target]
+        return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100)
+
     def _mtp_step(self, mtp: MTPLayer, h, input_ids, offset, cos, sin, mask):
         B, S, _ = h.shape
         # Embed t_{i+offset}; positions past the end see a zero embedding and carry no loss.
@@ -704,8 +714,7 @@ class DeepseekV3(nn.Module):
         e = self.model.embed_tokens(shifted)
         e[:, S - offset:] = 0
         x = mtp.eh_proj(torch.cat([mtp.enorm(e), mtp.hnorm(h)], dim=-1))
-        x = mtp(x, cos, sin, mask, shifted, balance_alpha=self.balance_alpha)
-        return x, self.lm_head(mtp.shared_head.norm(x))
+        return mtp(x, cos, sin, mask, shifted, balance_alpha=self.balance_alpha)
 
     def routes(self) -> list[torch.Tensor]:
         """Expert indices [T, K] chosen by each main-stack MoE layer in the last forward."""

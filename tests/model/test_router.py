@@ -145,14 +145,38 @@ def test_mtp_loss_targets_shifted_tokens():
         out = model(ids, labels=labels)
         h = model(ids, return_hidden=True).hidden
         cos, sin = model.rope(torch.arange(12).expand(2, 12), h.dtype)
-        h1, logits1 = model._mtp_step(model.model.mtp_layers[0], h, ids, 1, cos, sin, None)
-        _, logits2 = model._mtp_step(model.model.mtp_layers[1], h1, ids, 3, cos, sin, None)
+        mtp1, mtp2 = model.model.mtp_layers
+        h1 = model._mtp_step(mtp1, h, ids, 1, cos, sin, None)
+        h2 = model._mtp_step(mtp2, h1, ids, 3, cos, sin, None)
+        logits1, logits2 = model.lm_head(mtp1.shared_head.norm(h1)), model.lm_head(mtp2.shared_head.norm(h2))
     # module k (offset o) predicts t+1+o: its labels are the next-token labels shifted left by o
     ce = torch.nn.functional.cross_entropy
     exp1 = ce(logits1.flatten(0, 1), torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).flatten(), ignore_index=-100)
     exp2 = ce(logits2.flatten(0, 1), torch.nn.functional.pad(labels[:, 3:], (0, 3), value=-100).flatten(), ignore_index=-100)
     assert torch.allclose(out.mtp_losses[0], exp1) and torch.allclose(out.mtp_losses[1], exp2)
     assert torch.allclose(out.loss, out.lm_loss + model.mtp_loss_weight * (exp1 + exp2) / 2)
+
+
+def test_loss_without_logits_runs_the_head_on_targets_only():
+    """`return_logits=False`: the same next-token and MTP losses and gradients, no logits."""
+    model = random_model(small_args(num_nextn_predict_layers=2, mtp_offsets=(1, 2))).train()
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    labels[:, :5] = -100  # a prompt without targets
+
+    def run(**kw):
+        model.zero_grad()
+        out = model(ids, labels=labels, **kw)
+        out.loss.backward()
+        return out, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    (full, g_full), (lean, g_lean) = run(), run(return_logits=False)
+    assert full.logits is not None and lean.logits is None
+    torch.testing.assert_close(lean.lm_loss, full.lm_loss)
+    torch.testing.assert_close(torch.stack(lean.mtp_losses), torch.stack(full.mtp_losses))
+    assert len(g_lean) == len(g_full)
+    for a, b in zip(g_lean, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_staggered_mtp_schedule():
