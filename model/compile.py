@@ -15,8 +15,8 @@ from dspost.model.deepseek_v3 import Block, RoutedExperts
 
 def _training_only(module: nn.Module) -> None:
     eager = module.forward
-    # Dynamic from the start: padding-free rows change length every step, and shapes found dynamic one at a time
-    # recompile mid-run (seconds each) into graphs that are slower than one compiled dynamic up front.
+    # Dynamic from the start: padding-free rows change length every step, and dims found dynamic one at a time
+    # each cost a mid-run recompile of seconds (the steady step time is about the same either way).
     compiled = torch.compile(eager, dynamic=True)
 
     def forward(*args, **kwargs):
