@@ -269,7 +269,7 @@ class SFTWorker:
             elif self.packed is not None:
                 ids, labels, segments, positions = collate_packed(items, self.tok.pad_token_id)
             else:
-                (ids, labels), segments, positions = collate([self.train[i] for i in chunk], self.tok.pad_token_id), None, None
+                (ids, labels), segments, positions = collate(items, self.tok.pad_token_id), None, None
             ids, labels, segments, positions = (x.to(self.device) if x is not None else None
                                                 for x in (ids, labels, segments, positions))
             with self.autocast:
