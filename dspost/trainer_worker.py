@@ -48,23 +48,30 @@ def token_logprobs(model, ids: torch.Tensor, routes=None, position_ids=None, seg
     distribution the engine sampled from), and its entropy [B, L-1] (detached unless `entropy_grad`: it costs
     a second [N, vocab] graph)."""
     packed = {"position_ids": position_ids, "segment_ids": segment_ids} if segment_ids is not None else {}
-    logits = model(ids, routes=routes, **packed).logits[:, :-1].float()
+    logits = model(ids, routes=routes, **packed).logits[:, :-1]
+    return _next_token_logprobs(logits, ids[:, 1:], entropy_grad, temperature)
+
+
+def _next_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy_grad: bool,
+                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = logits.log_softmax(-1)
-    lp = logp_all.gather(-1, ids[:, 1:, None])[..., 0]
+    lp = logp_all.gather(-1, targets[..., None])[..., 0]
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     return lp, entropy
 
 
-def packed_logprobs(model, ids: torch.Tensor, lengths: torch.Tensor, row_len: int,
-                    entropy_grad: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_logprobs(model, ids: torch.Tensor, lengths: torch.Tensor, row_len: int, entropy_grad: bool = False,
+                    temperature: float = 1.0, at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_logprobs` of the padded sequences `ids` [B, L] (true `lengths` [B]), computed with the
-    sequences packed into rows of up to `row_len` tokens: block-diagonal attention, positions restarting at
+    sequences packed into rows of up to `row_len` tokens: per-sequence attention, positions restarting at
     each sequence. Padding every sequence to the batch's longest wastes the update's time on pad tokens, up to
     a third of it when response lengths spread from a few tokens to max_tokens. Returned in the [B, L-1]
-    layout of `pack`."""
+    layout of `pack`. With `at` (bool [B, L-1], e.g. the response mask) the head runs at those positions
+    only (the prompt's logprobs are never used) and the others are 0."""
     B, L = ids.shape
     n = lengths.tolist()
     rows: list[list[int]] = []  # sequence indices per row, first-fit decreasing
@@ -88,12 +95,16 @@ def packed_logprobs(model, ids: torch.Tensor, lengths: torch.Tensor, row_len: in
             # sequence i's next-token positions; its padding reads (0, 0), which its mask zeroes
             where_row[i, : n[i] - 1], where_col[i, : n[i] - 1] = r, torch.arange(start, start + n[i] - 1)
             start += n[i]
+    if at is None:
+        at = torch.arange(L - 1) < lengths[:, None] - 1
+    at = at.bool().cpu()
     dev = ids.device
-    lp, entropy = token_logprobs(model, ids[src_seq.to(dev), src_pos.to(dev)], position_ids=src_pos.to(dev),
-                                 segment_ids=segments.to(dev), entropy_grad=entropy_grad,
-                                 temperature=temperature)
-    where = (where_row.to(dev), where_col.to(dev))
-    return lp[where], entropy[where]
+    row_ids = ids[src_seq.to(dev), src_pos.to(dev)]
+    r, c = where_row[at].to(dev), where_col[at].to(dev)
+    logits = model(row_ids, position_ids=src_pos.to(dev), segment_ids=segments.to(dev), logits_at=(r, c)).logits
+    lp, entropy = _next_token_logprobs(logits, row_ids[r, c + 1], entropy_grad, temperature)
+    at = at.to(dev)
+    return lp.new_zeros(B, L - 1).masked_scatter(at, lp), entropy.new_zeros(B, L - 1).masked_scatter(at, entropy)
 
 
 class TrainerWorker:
@@ -148,7 +159,7 @@ class TrainerWorker:
         # No routing replay: the CPU engine cannot return routes (replaying them would need them packed like the rows).
         def logprobs(model, idx=slice(None)):
             return packed_logprobs(model, x["ids"][idx], x["lengths"][idx], a.pack_len, a.entropy_coef > 0,
-                                   self.temperature)
+                                   self.temperature, at=x["mask"][idx])
 
         # With one optimizer step per batch, every forward sees the weights that produced the batch: the
         # training forward's own logprobs (detached) are the old ones, and no separate pass is needed.

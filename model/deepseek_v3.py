@@ -648,13 +648,18 @@ class DeepseekV3(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 routes: list[torch.Tensor] | None = None, mtp_weights: list[float] | None = None,
-                return_hidden: bool = False, return_logits: bool = True) -> ModelOutput:
+                return_hidden: bool = False, return_logits: bool = True, logits_at=None) -> ModelOutput:
         """`segment_ids` [B, S] separates packed sequences (and padding); `routes` replays expert indices
         [T, K] per MoE layer of the main stack (routing replay). With labels and `return_logits=False` the head
         runs only where a target is and `logits` is None: the same losses, without the head's work on prompt and
-        padding positions."""
+        padding positions. Without labels, `logits_at` (an index into [B, S]: a bool mask, or a pair of row and
+        column indices) runs the head at those positions only, and `logits` is [n, vocab] in the index's order."""
         S = input_ids.shape[1]
         h, cos, sin, mask = self.trunk(input_ids, position_ids, segment_ids, routes)
+        if logits_at is not None:
+            if labels is not None:
+                raise ValueError("logits_at selects logits to return; the loss with labels picks its own positions")
+            return ModelOutput(logits=self.lm_head(self.model.norm(h[logits_at])), hidden=h if return_hidden else None)
         keep = return_logits or labels is None
         logits = self.lm_head(self.model.norm(h)) if keep else None
         out = ModelOutput(logits=logits, hidden=h if return_hidden else None)

@@ -99,6 +99,34 @@ def test_packed_update_forward_matches_the_padded_one():
     torch.testing.assert_close(got_ent[m], want_ent[m], atol=1e-5, rtol=0)
 
 
+def test_packed_logprobs_at_the_response_positions_give_the_same_values_and_gradients():
+    """The update runs the head on response positions only: same logprobs there, 0 elsewhere, same gradients."""
+    from dspost.model import DeepseekV3, tiny_math
+    from dspost.trainer_worker import RolloutBatch, pack, packed_logprobs
+
+    torch.manual_seed(0)
+    model = DeepseekV3(tiny_math(num_hidden_layers=2)).init_weights(0).train()
+    lens = [(5, 3), (7, 20), (4, 1), (6, 9)]
+    rand = lambda n: torch.randint(3, 1000, (n,)).tolist()  # noqa: E731
+    x = pack(RolloutBatch([rand(p) for p, _ in lens], [rand(r) for _, r in lens], [[0.0] * r for _, r in lens],
+                          [0.0] * len(lens)), 0)
+    m = x["mask"].bool()
+
+    def run(**kw):
+        model.zero_grad()
+        lp, ent = packed_logprobs(model, x["ids"], x["lengths"], row_len=32, **kw)
+        (lp * x["mask"]).sum().backward()
+        return lp, ent, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    (lp_all, ent_all, g_all), (lp, ent, g) = run(), run(at=x["mask"])
+    torch.testing.assert_close(lp[m], lp_all[m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent[m], ent_all[m], atol=1e-5, rtol=0)
+    assert not lp[~m].any() and lp_all[~m & (torch.arange(lp.shape[1]) < x["lengths"][:, None] - 1)].all()
+    assert len(g) == len(g_all)
+    for a, b in zip(g, g_all):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("loss", ["gspo", "grpo"])
 def test_trainer_update_moves_probability_towards_rewarded_samples(tmp_path, loss):
     from dspost.config import ModelSection

@@ -179,6 +179,19 @@ def test_loss_without_logits_runs_the_head_on_targets_only():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_logits_at_runs_the_head_on_the_selected_positions_in_their_order():
+    model = random_model(small_args()).eval()
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids).logits
+        rows, cols = torch.tensor([1, 0, 1]), torch.tensor([7, 2, 0])
+        torch.testing.assert_close(model(ids, logits_at=(rows, cols)).logits, full[rows, cols])
+        keep = ids % 2 == 0
+        torch.testing.assert_close(model(ids, logits_at=keep).logits, full[keep])
+    with pytest.raises(ValueError, match="logits_at"):
+        model(ids, labels=ids, logits_at=keep)
+
+
 def test_staggered_mtp_schedule():
     args = small_args(num_nextn_predict_layers=3, mtp_offsets=(1, 2, 4), mtp_horizon_warmup=10)
     assert mtp_horizon_weights(args, 0) == [1.0, 0.0, 0.0]
