@@ -648,7 +648,8 @@ class DeepseekV3(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 routes: list[torch.Tensor] | None = None, mtp_weights: list[float] | None = None,
-                return_hidden: bool = False, return_logits: bool = True, logits_at=None) -> ModelOutput:
+                return_hidden: bool = False, return_logits: bool = True,
+                logits_at: "torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None" = None) -> ModelOutput:
         """`segment_ids` [B, S] separates packed sequences (and padding); `routes` replays expert indices
         [T, K] per MoE layer of the main stack (routing replay). With labels and `return_logits=False` the head
         runs only where a target is and `logits` is None: the same losses, without the head's work on prompt and
