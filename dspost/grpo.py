@@ -33,6 +33,10 @@ class ParityError(RuntimeError):
     pass
 
 
+class RewardError(RuntimeError):
+    """More of a step's rewards could not be computed than `rewards.max_error_fraction` allows."""
+
+
 @contextlib.contextmanager
 def timed(times: dict[str, float], phase: str):
     t = time.perf_counter()
@@ -42,7 +46,7 @@ def timed(times: dict[str, float], phase: str):
 
 def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> Path:
     r, t, a = recipe.rollout, recipe.trainer, recipe.algorithm
-    train, held_out, _ = load_examples(recipe.data)
+    train, held_out, bad = load_examples(recipe.data)
     ray, own_ray = start_ray(recipe.ray)
     resume_from = run.latest_checkpoint() if recipe.resume else None
     start = int(resume_from.name.split("_")[1]) if resume_from else 0
@@ -50,9 +54,13 @@ def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) ->
     pool, trainers = start_pools(recipe, serve_from, str(model_path), str(resume_from) if resume_from else None)
     run.log.info("placement: %s", placement(pool, trainers))
     tok = pool_tokenizer(model_path)
-    prompts = [prompt_ids(tok, ex) for ex in train]
-    eval_prompts = [prompt_ids(tok, ex) for ex in held_out]
-    probe = [prompt_ids(tok, ex) + tok(ex.messages[-1]["content"])["input_ids"] for ex in held_out[:4]]
+    n_train = len(train)
+    train, prompts = fitting_prompts(tok, train, recipe.data.max_seq_len, bad, 0)
+    held_out, eval_prompts = fitting_prompts(tok, held_out, recipe.data.max_seq_len, bad, n_train)
+    bad.check(recipe.data.max_bad_fraction, recipe.data.path or "synthetic data")
+    run.log.info("data: %d prompts, %d held out; bad rows: %s", len(prompts), len(eval_prompts), bad.summary())
+    engine_len = recipe.data.max_seq_len + r.max_tokens
+    probe = [(p + tok(ex.messages[-1]["content"])["input_ids"])[:engine_len] for p, ex in zip(eval_prompts, held_out[:4])]
     terms = [(resolve(term.name), term.weight, term.name, term.options) for term in recipe.rewards.terms
              if not is_critic(term.name)]
     critics = critic_terms(recipe.rewards, run.log)
@@ -60,11 +68,12 @@ def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) ->
     decodings = eval_decodings(recipe.eval, r)
     run.log.info("routing replay: %s", "on" if a.routing_replay and pool.returns_routes() else
                  "off (the engine cannot return routed experts on this backend)")
+    run.resumed(resume_from, start)
     final = resume_from
     with ScoringPool(recipe.rewards.num_workers) as scorer:
         parity = check_parity(pool, trainers[0], probe, recipe.sync.parity_threshold)
         if start == 0:
-            acc = evaluate(pool, scorer, eval_prompts, held_out, decodings, terms, recipe.rewards.timeout, t.seed)
+            acc = evaluate(pool, scorer, eval_prompts, held_out, decodings, terms, recipe.rewards, t.seed, 0)
             run.log_metrics(0, {**acc, **parity})
         for step in range(start, t.max_steps):
             times: dict[str, float] = {}
@@ -74,11 +83,11 @@ def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) ->
             with timed(times, "score"):
                 meta = {k: v for c in critics for k, v in c.check(step).items()}
                 rewards, reward_metrics = score(scorer, samples, [train[idx[s.prompt_index]] for s in samples],
-                                                terms, recipe.rewards.timeout, critics)
+                                                terms, recipe.rewards, critics, step + 1)
             with timed(times, "advantages"):
                 adv, keep = advantages(a, rewards, samples, r)
             with timed(times, "update"):
-                train_metrics = update(trainers, samples, adv, keep)
+                train_metrics = update(trainers, samples, adv, keep, step + 1)
             with timed(times, "sync"):
                 sync_seconds = sync(pool, trainers, recipe.sync, step + 1)
                 if (step + 1) % recipe.sync.parity_every == 0:
@@ -91,8 +100,8 @@ def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) ->
                        "data/kept_fraction": float(keep.float().mean())}
             if n % t.eval_every == 0 or n == t.max_steps:
                 with timed(times, "eval"):
-                    metrics.update(evaluate(pool, scorer, eval_prompts, held_out, decodings, terms,
-                                            recipe.rewards.timeout, t.seed))
+                    metrics.update(evaluate(pool, scorer, eval_prompts, held_out, decodings, terms, recipe.rewards,
+                                            t.seed, n))
             if n % t.save_every == 0 or n == t.max_steps:
                 with timed(times, "save"):
                     final = save(run, trainers, n)
@@ -110,6 +119,30 @@ def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) ->
 
 
 # ------------------------------------------------------------------------------------------ setup
+def actor_get(refs):
+    """`ray.get`, raising a trainer's own error (a non-finite loss, bad input) as itself rather than wrapped."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        raise e.cause from None
+
+
+def fitting_prompts(tok, examples: list[Example], max_len: int, bad, offset: int) -> tuple[list[Example], list[list[int]]]:
+    """The examples whose prompt fits `data.max_seq_len` tokens (the engine serves max_seq_len + max_tokens) and
+    their token ids; longer ones are counted as bad rows instead of failing the engine mid-run."""
+    kept, ids = [], []
+    for i, ex in enumerate(examples):
+        p = prompt_ids(tok, ex)
+        if len(p) > max_len:
+            bad.add(offset + i, f"prompt longer than data.max_seq_len={max_len} tokens")
+            continue
+        kept.append(ex)
+        ids.append(p)
+    return kept, ids
+
+
 def start_pools(recipe: BaseModel, serve_from: str, base_model: str, resume_from: str | None):
     import ray
 
@@ -164,19 +197,25 @@ def prompt_ids(tok, ex: Example) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------- phases
-def score(scorer: ScoringPool, samples: list[Sample], examples: list[Example], terms, timeout: float,
-          critics=()):
+def score(scorer: ScoringPool, samples: list[Sample], examples: list[Example], terms, cfg: BaseModel,
+          critics=(), step: int = 0):
+    """Summed weighted rewards [N] and their metrics. A term whose `error` verdicts (rewards that could not be
+    computed: a crashed scorer, no sandbox) exceed `rewards.max_error_fraction` stops the run: training on
+    the zeros they score would teach the policy nothing true."""
     rewards = torch.zeros(len(samples))
     metrics: dict[str, float] = {}
     prompts = [next(m["content"] for m in reversed(ex.messages[:-1]) if m["role"] == "user") for ex in examples] \
         if critics else []
     for c in critics:
         values, failed = c.scores(prompts, [s.text for s in samples], [ex.answer for ex in examples])
+        check_errors(step, c.name, failed, len(samples), cfg.max_error_fraction, "the critic gave no score")
         rewards += values
         metrics[f"reward/{c.key}/mean"], metrics[f"reward/{c.key}/error"] = float(values.mean()), failed
     for target, weight, name, options in terms:
         verdicts = scorer.map(target, [(s.text, {"answer": ex.answer, **ex.extra}) for s, ex in zip(samples, examples)],
-                              timeout, options)
+                              cfg.timeout, options)
+        errors = [v for v in verdicts if v.status == "error"]
+        check_errors(step, name, len(errors), len(verdicts), cfg.max_error_fraction, errors[0].detail if errors else "")
         rewards += weight * torch.tensor([v.score for v in verdicts])
         for status in STATUSES:
             metrics[f"reward/{name}/{status}"] = sum(v.status == status for v in verdicts)
@@ -185,6 +224,12 @@ def score(scorer: ScoringPool, samples: list[Sample], examples: list[Example], t
     if "reward/math/correct" in metrics:
         metrics["accuracy"] = metrics["reward/math/correct"] / len(samples)
     return rewards, metrics
+
+
+def check_errors(step: int, term: str, errors: int, total: int, limit: float, first: str) -> None:
+    if total and errors / total > limit:
+        raise RewardError(f"step {step}: reward term {term!r} could not score {errors}/{total} samples (limit "
+                          f"rewards.max_error_fraction={limit:g}); first: {first[:200]}")
 
 
 def advantages(a: BaseModel, rewards: torch.Tensor, samples: list[Sample], r: BaseModel):
@@ -196,38 +241,33 @@ def advantages(a: BaseModel, rewards: torch.Tensor, samples: list[Sample], r: Ba
     return ADVANTAGES[a.loss](rewards, r.n), keep
 
 
-def update(trainers: list, samples: list[Sample], adv: torch.Tensor, keep: torch.Tensor) -> dict[str, float]:
-    import ray
-
+def update(trainers: list, samples: list[Sample], adv: torch.Tensor, keep: torch.Tensor, step: int) -> dict[str, float]:
     chosen = [i for i in range(len(samples)) if keep[i]]
     if not chosen:
         return {"train/skipped": 1.0}
     shards = [chosen[k::len(trainers)] for k in range(len(trainers))]
     refs = [w.train_step.remote(RolloutBatch([samples[i].prompt_ids for i in sh], [samples[i].response_ids for i in sh],
-                                             [samples[i].logprobs for i in sh], [float(adv[i]) for i in sh]))
+                                             [samples[i].logprobs for i in sh], [float(adv[i]) for i in sh]), step)
             for w, sh in zip(trainers, shards)]
-    results = ray.get(refs)
+    results = actor_get(refs)
     return {k: sum(m[k] for m in results) / len(results) for k in results[0]}
 
 
 def sync(pool, trainers: list, cfg: BaseModel, version: int) -> float:
-    import ray
-
     t = time.perf_counter()
-    refs = ray.get(trainers[0].publish_weights.remote(cfg.transport, int(cfg.bucket_mb * 2**20)))
+    refs = actor_get(trainers[0].publish_weights.remote(cfg.transport, int(cfg.bucket_mb * 2**20)))
     pool.sync(refs, version)
     return time.perf_counter() - t
 
 
 def check_parity(pool, trainer, probe: list[list[int]], threshold: float) -> dict[str, float]:
-    """Engine vs trainer logprobs on a fixed batch: a sync that did not move the weights shows up here."""
-    import ray
-
+    """Engine vs trainer logprobs on a fixed batch: a sync that did not move the weights shows up here. A
+    non-finite difference fails too (NaN compares false with any threshold)."""
     engine = pool.sequence_logprobs(probe)
-    ours = ray.get(trainer.sequence_logprobs.remote(probe))
+    ours = actor_get(trainer.sequence_logprobs.remote(probe))
     diffs = torch.cat([(torch.tensor(e) - torch.tensor(o)).abs() for e, o in zip(engine, ours)])
     mean, mx = float(diffs.mean()), float(diffs.max())
-    if mx > threshold:
+    if not mx <= threshold:
         raise ParityError(f"sync parity: engine and trainer logprobs differ by up to {mx:.3g} nats (mean {mean:.3g}) "
                           f"> sync.parity_threshold={threshold}: the rollout engine is not serving the trainer's weights")
     return {"sync/parity_mean_abs": mean, "sync/parity_max_abs": mx}
@@ -243,23 +283,24 @@ def eval_decodings(e: BaseModel, r: BaseModel) -> dict[str, SamplingConfig]:
             "eval/accuracy_greedy": greedy}
 
 
-def evaluate(pool, scorer, prompts, examples, decodings: dict[str, SamplingConfig], terms, timeout,
-             seed) -> dict[str, float]:
+def evaluate(pool, scorer, prompts, examples, decodings: dict[str, SamplingConfig], terms, cfg: BaseModel,
+             seed, step: int) -> dict[str, float]:
     """Held-out math accuracy under each named decoding (mean correctness over all samples)."""
     math_target = next((tg for tg, _, name, _ in terms if name == "math"), resolve("math"))
     out = {}
     for key, decoding in decodings.items():
         samples = pool.generate(prompts, decoding, seed=seed)
         verdicts = scorer.map(math_target, [(s.text, {"answer": examples[s.prompt_index].answer}) for s in samples],
-                              timeout)
+                              cfg.timeout)
+        errors = [v for v in verdicts if v.status == "error"]
+        check_errors(step, f"{key} (math)", len(errors), len(verdicts), cfg.max_error_fraction,
+                     errors[0].detail if errors else "")
         out[key] = sum(v.status == "correct" for v in verdicts) / len(verdicts)
     return out
 
 
 def save(run: RunDir, trainers: list, step: int) -> Path:
-    import ray
-
     path = run.checkpoint_path(step)
-    ray.get(trainers[0].save.remote(str(path), step))
+    actor_get(trainers[0].save.remote(str(path), step))
     run.mark_latest(step)
     return path

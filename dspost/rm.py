@@ -19,7 +19,7 @@ from dspost.data.loading import BadRows
 from dspost.model.quant import apply_training_precision
 from dspost.rundir import RunDir
 from dspost.sft import batch_indices
-from dspost.training import compile_if_asked, optimizer_and_start, save_checkpoint, set_lr
+from dspost.training import check_finite, compile_if_asked, optimizer_and_start, save_checkpoint, set_lr
 
 
 def tokenize_pairs(pairs, tok, max_len: int, bad: BadRows, offset: int = 0) -> list[tuple[list[int], list[int]]]:
@@ -112,11 +112,14 @@ def run_rm(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> P
         for j in range(t.grad_accum):
             with autocast:
                 loss, margin = pair_loss(rm, [train[i] for i in idx[j * micro:(j + 1) * micro]], pad_id)
+            check_finite(step + 1, "the pairwise loss", loss)
             (loss / t.grad_accum).backward()
             loss_sum += loss.item() / t.grad_accum
             margins.append(margin)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm)
+        check_finite(step + 1, "the gradient norm", grad_norm)
         opt.step()
+        check_finite(step + 1, "the weights", rm.named_parameters())
         opt.zero_grad(set_to_none=True)
         _unwrap(rm).lm.update_router_biases(bias_speed)
         margin = torch.cat(margins)

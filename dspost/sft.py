@@ -22,7 +22,7 @@ from dspost.distributed import (all_reduce_grads, all_reduce_mean, all_reduce_ro
 from dspost.lora import add_adapters, is_ours, load_adapters, merge_lora, merged
 from dspost.model.quant import apply_training_precision
 from dspost.rundir import RunDir
-from dspost.training import compile_if_asked, optimizer_and_start, save_training_checkpoint, set_lr
+from dspost.training import check_finite, compile_if_asked, optimizer_and_start, save_training_checkpoint, set_lr
 
 
 @dataclass
@@ -161,23 +161,25 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, tok) -> list[li
 
 
 @torch.no_grad()
-def eval_accuracy(model, examples: list[Example], tok, max_new_tokens: int = 48, batch_size: int = 32) -> float:
-    """Greedy-decode the held-out prompts and grade the final answers with the math verifier."""
-    from dspost.rewards import verify_math
+def eval_accuracy(model, examples: list[Example], tok, scorer, max_new_tokens: int = 48, batch_size: int = 32,
+                  timeout: float = 5.0) -> float:
+    """Greedy-decode the held-out prompts and grade the final answers with the math verifier, in the scoring
+    pool's worker processes (`scorer`): model output is never parsed inside the trainer."""
+    from dspost.rewards import verify_math_batch
 
     model.eval()
     scored = [ex for ex in examples if ex.answer is not None]
-    correct = 0
+    pairs = []
     for i in range(0, len(scored), batch_size):
         chunk = scored[i: i + batch_size]
         prompts = [list(tok.apply_chat_template(ex.messages[:-1], tokenize=True, add_generation_prompt=True,
                                                 return_dict=True)["input_ids"]) for ex in chunk]
         with merged(model) as plain:
             outs = greedy(plain, prompts, max_new_tokens, tok)
-        for ex, out in zip(chunk, outs):
-            correct += verify_math(tok.decode(out, skip_special_tokens=True), ex.answer).score == 1.0
+        pairs += [(tok.decode(out, skip_special_tokens=True), ex.answer) for ex, out in zip(chunk, outs)]
     model.train()
-    return correct / max(len(scored), 1)
+    verdicts = verify_math_batch(pairs, timeout=timeout, pool=scorer)
+    return sum(v.status == "correct" for v in verdicts) / max(len(scored), 1)
 
 
 def lm_loss(model, ids, labels, segments=None, positions=None):
@@ -202,6 +204,7 @@ class SFTWorker:
                  resume_from: str | None = None):
         self.args = (recipe, model_path, dist_url, resume_from)
         self.t, self.rank, self.world = recipe.trainer, rank, world
+        self.scorer = None  # the scoring pool grading held-out answers (rank 0 evaluates)
 
     def setup(self) -> dict:
         """Load data and model (separate from `__init__` so that a Ray actor's bad-input error reaches the
@@ -274,6 +277,7 @@ class SFTWorker:
                                                 for x in (ids, labels, segments, positions))
             with self.autocast:
                 loss, lm, mtp = lm_loss(self.model, ids, labels, segments, positions)
+            check_finite(step + 1, "the training loss", loss)
             (loss / t.grad_accum).backward()
             sums["loss"] += loss.item() / t.grad_accum
             sums["lm"] += lm.item() / t.grad_accum
@@ -283,7 +287,9 @@ class SFTWorker:
                 len(self.train[i].input_ids) for i in chunk)
         all_reduce_grads(self.params, self.world)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.clip_grad_norm)
+        check_finite(step + 1, "the gradient norm", grad_norm)
         self.opt.step()
+        check_finite(step + 1, "the weights", self.model.named_parameters())
         self.opt.zero_grad(set_to_none=True)
         if self.ours:
             all_reduce_router_load(self.model, self.world)
@@ -305,8 +311,12 @@ class SFTWorker:
 
     def evaluate(self) -> dict[str, float]:
         metrics = {"eval/loss": eval_loss(self.model, self.held_out, self.tok.pad_token_id, 32)}
-        if any(ex.answer for ex in self.eval_ex):
-            metrics["eval/accuracy"] = eval_accuracy(self.model, self.eval_ex[:100], self.tok)
+        if any(ex.answer is not None for ex in self.eval_ex):
+            if self.scorer is None:  # started on first use: runs without verifiable answers need no workers
+                from dspost.rewards import ScoringPool
+
+                self.scorer = ScoringPool(1)
+            metrics["eval/accuracy"] = eval_accuracy(self.model, self.eval_ex[:100], self.tok, self.scorer)
         return metrics
 
     def save(self, path: str, step: int) -> str:
@@ -314,6 +324,8 @@ class SFTWorker:
         return path
 
     def close(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
         shutdown_group(self.world)
 
 

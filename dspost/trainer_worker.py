@@ -11,7 +11,7 @@ import torch
 
 from dspost.algorithms import LossInputs, policy_loss
 from dspost.distributed import all_reduce_grads, all_reduce_router_load, free_port, init_group
-from dspost.training import compile_if_asked, load_training_state, lr_factor, save_training_checkpoint
+from dspost.training import check_finite, compile_if_asked, load_training_state, lr_factor, save_training_checkpoint
 
 
 @dataclass
@@ -151,7 +151,10 @@ class TrainerWorker:
 
         return ray.get_runtime_context().get_node_id()
 
-    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
+    def train_step(self, batch: RolloutBatch, step: int = 0) -> dict[str, float]:
+        """One rollout batch's optimizer step(s). A non-finite loss, gradient norm or weight raises
+        `NonFiniteError` naming the RL `step` before the optimizer applies it (or, for weights, before any
+        sync or save can publish them)."""
         t0 = time.perf_counter()
         t, a = self.trainer, self.algo
         x = {k: v.to(self.device) for k, v in pack(batch, self.tokenizer.pad_token_id).items()}
@@ -184,13 +187,16 @@ class TrainerWorker:
                 inputs = LossInputs(lp, old, x["rollout_lp"][micro], x["adv"][micro], x["mask"][micro],
                                     ref_lp[micro] if ref_lp is not None else None, ent)
                 loss, m = policy_loss(inputs, a)
+                check_finite(step, "the policy loss", loss)
                 (loss * len(micro) / len(mb)).backward()
                 for k, v in {"loss": float(loss.detach()), **m}.items():
                     sums[k] = sums.get(k, 0.0) + v * len(micro) / B
             all_reduce_grads(list(self.model.parameters()), self.world)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)) / a.minibatches
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
+            check_finite(step, "the gradient norm", grad_norm)
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) / a.minibatches
             self.opt.step()
+            check_finite(step, "the weights", self.model.named_parameters())
             self.opt.zero_grad(set_to_none=True)
             all_reduce_router_load(self.model, self.world)
             self.model.update_router_biases(self.model_cfg.bias_update_speed)
