@@ -203,9 +203,9 @@ class RolloutSection(Section):
     n: int = Field(8, ge=1)
     """Samples per prompt (the GRPO group size; at least 2 for `kind: grpo`, whose advantages compare a group)."""
     temperature: Temperature = 1.0
-    """Sampling temperature: 0 (greedy) or in [0.01, 2] (vLLM raises lower ones to 0.01, which would break the
-    next sentence). The trainer's logprobs (ratios, entropy, KL) are of the logits divided by it, the
-    distribution the engine sampled from, whose logprobs it returns."""
+    """Sampling temperature: 0 (greedy) or in [0.01, 2]. The trainer's logprobs (ratios, entropy, KL) are of the
+    logits divided by it, the distribution the engine sampled from, whose logprobs it returns (vLLM would sample a
+    lower temperature at 0.01, which is why those are refused)."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     """Nucleus sampling. The trainer's logprobs ignore the truncation; the truncated importance weight
     (`algorithm.tis_cap`) corrects for it."""
@@ -268,8 +268,9 @@ class AlgorithmSection(Section):
 
 class EvalSection(Section):
     temperature: Temperature = 0.0
-    """Held-out decoding temperature: 0 (greedy) or in [0.01, 2], like `rollout.temperature`. With sampling, `eval/accuracy` is the mean correctness
-    over `n` samples per problem (DeepSeek-R1's pass@1) and greedy accuracy is logged beside it."""
+    """Held-out decoding temperature: 0 (greedy) or in [0.01, 2], like `rollout.temperature`. With sampling,
+    `eval/accuracy` is the mean correctness over `n` samples per problem (DeepSeek-R1's pass@1) and greedy accuracy
+    is logged beside it."""
     n: int = Field(1, ge=1)
     """Samples per held-out problem."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)

@@ -174,7 +174,11 @@ def _data_problem(path: str) -> str | None:
         except (OSError, ValueError, AttributeError) as e:
             return f"{path}: unreadable {_SAVED_DATASET_DICT} ({e})"
         return None if "train" in splits else f"{path}: the saved DatasetDict has no `train` split (has {splits})"
-    if not any(p.iterdir()):
+    try:
+        empty = not any(p.iterdir())
+    except OSError as e:
+        return f"{path}: cannot be read ({e.strerror})"
+    if empty:
         return f"{path}: empty directory"
     return (f"{path}: a directory that is not a saved `datasets` dataset (no {' + '.join(_SAVED_DATASET)} or "
             f"{_SAVED_DATASET_DICT}); name a JSONL/JSON/Parquet/CSV file, or write the dataset with `save_to_disk`")
@@ -238,10 +242,12 @@ def _reward_problem(term: BaseModel) -> str | None:
     try:
         module, _, fn_name = resolve(term.name).partition(":")
         fn = getattr(importlib.import_module(module), fn_name)
-    except ValueError as e:  # resolve's own one-line message
-        return f"name: {str(e).removeprefix('rewards.terms: ')}"
-    except Exception as e:  # the user's module raised while importing (SyntaxError, RuntimeError, ...)
-        return f"name: cannot import reward {term.name!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    except Exception as e:
+        message = str(e)
+        if isinstance(e, ValueError) and message.startswith("rewards.terms: "):  # resolve's own one-line message
+            return f"name: {message.removeprefix('rewards.terms: ')}"
+        # The user's module raised while importing (SyntaxError, RuntimeError, ...).
+        return f"name: cannot import reward {term.name!r}: {type(e).__name__}: {(message.splitlines() or [''])[0]}"
     if not callable(fn):
         return f"name: {term.name!r} is not a function"
     try:
@@ -251,7 +257,7 @@ def _reward_problem(term: BaseModel) -> str | None:
     try:
         signature.bind("", {}, **term.options)
     except TypeError as e:
-        known = [p for p in list(signature.parameters)[2:] if signature.parameters[p].kind is not inspect.Parameter.VAR_KEYWORD]
+        known = [name for name, p in list(signature.parameters.items())[2:] if p.kind is not p.VAR_KEYWORD]
         kind = "built-in reward" if term.name in REWARDS else "reward"
         return f"options: {e} ({kind} {term.name!r} takes {known or 'no options'})"
     return None
