@@ -6,13 +6,56 @@ loads). Each field is documented once, by the docstring under it; recipes only o
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SEED_LIMIT = 2**32
+"""Seeds lie in [0, 2**32): vLLM seeds NumPy with `trainer.seed` (`np.random.seed` takes exactly that range), and
+the seeds derived from it stay far inside int64 (GRPO's `seed * 1_000_003 + step * 10_007` < 4.4e15, SFT's
+`seed * 100_003 + epoch` < 4.3e14; torch generators take up to 2**64)."""
+MAX_STEPS = 10**9
+"""A billion optimizer steps: far beyond any run, and small enough that per-step seeds stay inside int64."""
+MAX_TOKENS = 1_000_000
+"""A million tokens, the longest context of any open model; the engine sizes its KV cache for
+`data.max_seq_len + rollout.max_tokens`."""
+VLLM_MIN_TEMPERATURE = 0.01
+"""vLLM raises a temperature in (0, 0.01) to 0.01 (`vllm.sampling_params._MAX_TEMP`)."""
+
+
+def _vllm_temperature(t: float) -> float:
+    if 0 < t < VLLM_MIN_TEMPERATURE:
+        raise ValueError(f"vLLM raises a temperature in (0, {VLLM_MIN_TEMPERATURE}) to {VLLM_MIN_TEMPERATURE}, so the "
+                         f"samples would not come from the distribution asked for; use 0 (greedy) or >= "
+                         f"{VLLM_MIN_TEMPERATURE} (got {t})")
+    return t
+
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0), AfterValidator(_vllm_temperature)]
+"""A vLLM sampling temperature: 0 (greedy) or in [0.01, 2]; vLLM refuses temperatures above 2, and above ~2 a large
+vocabulary's distribution is close to uniform noise."""
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+"""An Adam moment decay: 1 would never forget (the bias correction 1 - beta**t divides by 0)."""
+
+
+def _non_finite(value: Any, where: str = "") -> str | None:
+    """Dotted location of the first NaN or inf in a nested dict/list of YAML values, else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "value"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        bad = _non_finite(item, f"{where}.{key}" if where else str(key))
+        if bad is not None:
+            return bad
+    return None
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+    # allow_inf_nan=False: no field takes NaN or inf (a YAML `.nan`/`.inf`, or `nan` on the command line).
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True,
+                              allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -63,8 +106,8 @@ class DataSection(Section):
     row without padding."""
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
     """Stop with an error if more than this fraction of rows is malformed."""
-    seed: int = 0
-    """Seed of the synthetic generator and of the data order."""
+    seed: Seed = 0
+    """Seed of the synthetic generator and of the data order, in [0, 2**32)."""
 
 
 class LoraSection(Section):
@@ -98,7 +141,7 @@ class TrainerSection(Section):
     """torch threads per trainer worker; unset = its CPUs."""
     resources: dict[str, float] = Field(default_factory=dict)
     """Custom Ray resources each trainer worker requires (e.g. to place the pool on particular nodes)."""
-    max_steps: int = Field(200, ge=1)
+    max_steps: int = Field(200, ge=1, le=MAX_STEPS)
     """Optimizer steps (`--max-steps` caps it)."""
     batch_size: int = Field(16, ge=1)
     """Sequences per optimizer step, over all workers and accumulation steps."""
@@ -112,8 +155,8 @@ class TrainerSection(Section):
     """Linear warm-up steps."""
     weight_decay: float = Field(0.0, ge=0.0)
     """AdamW weight decay."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
+    """AdamW betas, each in [0, 1) (at 1 a moment never forgets and the bias correction divides by zero)."""
     clip_grad_norm: float = Field(1.0, gt=0.0)
     """Global gradient-norm clip."""
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -130,8 +173,9 @@ class TrainerSection(Section):
     """Evaluate on the held-out set every this many steps (and at the end)."""
     save_every: int = Field(100, ge=1)
     """Write a checkpoint every this many steps (and at the end)."""
-    seed: int = 0
-    """Seed for initialisation and sampling; a CPU run with the same seed repeats exactly."""
+    seed: Seed = 0
+    """Seed for initialisation and sampling, in [0, 2**32) (vLLM seeds NumPy with it); a CPU run with the same seed
+    repeats exactly."""
     lora: LoraSection | None = None
     """Train LoRA adapters (PEFT format) instead of all parameters."""
 
@@ -157,15 +201,16 @@ class RolloutSection(Section):
     prompts_per_step: int = Field(16, ge=1)
     """Prompts per GRPO step."""
     n: int = Field(8, ge=1)
-    """Samples per prompt (the GRPO group size)."""
-    temperature: float = Field(1.0, ge=0.0)
-    """Sampling temperature. The trainer's logprobs (ratios, entropy, KL) are of the logits divided by it, the
-    distribution the engine sampled from, whose logprobs it returns."""
+    """Samples per prompt (the GRPO group size; at least 2 for `kind: grpo`, whose advantages compare a group)."""
+    temperature: Temperature = 1.0
+    """Sampling temperature: 0 (greedy) or in [0.01, 2]. The trainer's logprobs (ratios, entropy, KL) are of the
+    logits divided by it, the distribution the engine sampled from, whose logprobs it returns (vLLM would sample a
+    lower temperature at 0.01, which is why those are refused)."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     """Nucleus sampling. The trainer's logprobs ignore the truncation; the truncated importance weight
     (`algorithm.tis_cap`) corrects for it."""
-    max_tokens: int = Field(64, ge=1)
-    """New tokens per sample."""
+    max_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
+    """New tokens per sample (at most a million, the longest context of any open model)."""
     stop: list[str] = Field(default_factory=list)
     """Stop strings (the tokenizer's end-of-turn token always stops)."""
     enforce_eager: bool = False
@@ -199,14 +244,15 @@ class AlgorithmSection(Section):
     entropy_coef: float = Field(0.0, ge=0.0)
     """Entropy bonus: the loss subtracts this times the mean entropy of the response tokens, against the
     policy narrowing onto a few answers (pass@k falling while pass@1 rises)."""
-    eps_low: float = Field(0.2, ge=0.0)
-    """Lower clip range of the ratio."""
-    eps_high: float = Field(0.28, ge=0.0)
-    """Upper clip range (DAPO clip-higher; equal to eps_low for symmetric clipping)."""
-    seq_eps_low: float = Field(3e-4, ge=0.0)
-    """GSPO: lower clip range of the sequence-level ratio."""
-    seq_eps_high: float = Field(4e-4, ge=0.0)
-    """GSPO: upper clip range of the sequence-level ratio."""
+    eps_low: float = Field(0.2, ge=0.0, lt=1.0)
+    """Lower clip range of the ratio, below 1 (the ratio is clipped at 1 - eps_low, which must stay positive)."""
+    eps_high: float = Field(0.28, ge=0.0, le=1.0)
+    """Upper clip range (DAPO clip-higher; equal to eps_low for symmetric clipping), at most 1: beyond a ratio of 2
+    the clip no longer bounds the update (DAPO uses 0.28)."""
+    seq_eps_low: float = Field(3e-4, ge=0.0, lt=1.0)
+    """GSPO: lower clip range of the sequence-level ratio, below 1 like `eps_low`."""
+    seq_eps_high: float = Field(4e-4, ge=0.0, le=1.0)
+    """GSPO: upper clip range of the sequence-level ratio, at most 1 like `eps_high` (GSPO uses 4e-4)."""
     tis_cap: float = Field(2.0, ge=1.0)
     """Truncated importance-sampling cap on the trainer/rollout ratio."""
     minibatches: int = Field(1, ge=1)
@@ -221,9 +267,10 @@ class AlgorithmSection(Section):
 
 
 class EvalSection(Section):
-    temperature: float = Field(0.0, ge=0.0)
-    """Held-out decoding temperature; 0 is greedy. With sampling, `eval/accuracy` is the mean correctness
-    over `n` samples per problem (DeepSeek-R1's pass@1) and greedy accuracy is logged beside it."""
+    temperature: Temperature = 0.0
+    """Held-out decoding temperature: 0 (greedy) or in [0.01, 2], like `rollout.temperature`. With sampling,
+    `eval/accuracy` is the mean correctness over `n` samples per problem (DeepSeek-R1's pass@1) and greedy accuracy
+    is logged beside it."""
     n: int = Field(1, ge=1)
     """Samples per held-out problem."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -239,27 +286,40 @@ class EvalSection(Section):
 class SyncSection(Section):
     transport: Literal["object_store", "nccl"] = "object_store"
     """Trainer -> rollout weight transport: Ray's shared-memory object store (CPU, any cluster) or NCCL (GPU)."""
-    bucket_mb: float = Field(64, gt=0)
-    """Size of each checksummed weight bucket."""
+    bucket_mb: float = Field(64, gt=0, le=4096)
+    """Size of each checksummed weight bucket, at most 4 GiB: a bucket is staged whole (in the object store or GPU
+    memory, and in each engine while it is applied), so beyond that a bigger one only raises peak memory."""
     parity_every: int = Field(1, ge=1)
     """Compare the engine's logprobs with the trainer's on a fixed probe batch every this many syncs."""
     quantize: Literal["none", "fp8", "fp8+fp4-experts"] = "none"
     """Quantise on sync: the trainer keeps fp32/bf16 weights and sends the engines DeepSeek's FP8 format
     (float8_e4m3fn + `weight_scale_inv` per 128x128 block), optionally with MXFP4 routed experts, bucket by
     bucket; the engines start from the same format. Needs GPU rollout workers (vLLM's CPU FP8 kernels need AMX)."""
-    parity_threshold: float = Field(1e-3, gt=0)
+    parity_threshold: float = Field(1e-3, gt=0, le=1.0)
     """Stop the run when the probe's max |logprob difference| exceeds this (nats). vLLM's compiled CPU mode
-    matches the trainer to ~1e-6; eager mode drifts up to ~0.1, so raise it with `rollout.enforce_eager`."""
+    matches the trainer to ~1e-6; eager mode drifts up to ~0.1 (0.14 measured), so raise it with
+    `rollout.enforce_eager`. At most 1 nat (a factor e on a token's probability), 7x the largest drift measured:
+    a looser threshold would pass an engine serving other weights, and the probe would check nothing."""
 
 
 class RewardTerm(Section):
     name: str
     """Registered reward name (`math`, `format`, `code`), a dotted path `pkg.module:function`, or a scalar
     critic scored in the driver: `critic:length`, `critic:rule:NAME`, `critic:DIR` (a reward-model checkpoint)."""
-    weight: float = 1.0
-    """Weight in the summed reward."""
+    weight: float = Field(1.0, ge=-1000.0, le=1000.0)
+    """Weight in the summed reward; negative for a penalty. At most 1000 in size: the terms are O(1) scores, the
+    sum meets DAPO's overlong penalty (in [-1, 0]) and, under `dr_grpo`, scales the gradient as is."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Keyword options of the reward function (e.g. `code`: `partial: true` scores the passed fraction)."""
+
+    @field_validator("options")
+    @classmethod
+    def _finite_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """`Any` escapes `allow_inf_nan`; a NaN option would reach the reward function."""
+        bad = _non_finite(options)
+        if bad is not None:
+            raise ValueError(f"{bad}: must be a finite number")
+        return options
 
 
 class MetaCriticSection(Section):
@@ -295,10 +355,14 @@ class RewardsSection(Section):
             if self.meta_critic.term is not None and self.meta_critic.term not in critics:
                 raise ValueError(f"meta_critic.term: {self.meta_critic.term!r} is not a critic term (have {critics})")
         return self
-    timeout: float = Field(5.0, gt=0.0)
-    """Wall-clock limit per scored sample, seconds."""
+    timeout: float = Field(5.0, gt=0.0, le=600.0)
+    """Wall-clock limit per scored sample, seconds; at most 10 minutes, since every step waits for its slowest
+    sample."""
     num_workers: int = Field(2, ge=1)
     """Scoring worker processes."""
+    max_error_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    """Stop the run when more than this fraction of a step's scored samples comes back `error` — a reward that
+    could not be computed (sandbox unavailable, scorer crash), not a wrong answer — instead of training on zeros."""
 
 
 class RaySection(Section):
@@ -349,6 +413,19 @@ class GRPORecipe(StageBase):
     """Weight sync and the parity probe."""
     eval: EvalSection = Field(default_factory=EvalSection)
     """Held-out evaluation every `trainer.eval_every` steps."""
+
+    @model_validator(mode="after")
+    def _groups_compare_samples(self) -> "GRPORecipe":
+        # Every estimator of the GRPO family compares a prompt's samples with each other: with one sample the group
+        # std is NaN (grpo, dapo, gspo) or every advantage is 0 (dr_grpo). OPD's reverse KL needs no group.
+        if self.kind == "grpo" and self.rollout.n < 2:
+            raise ValueError(f"rollout.n: {self.algorithm.loss} compares the samples of a prompt's group, so it needs "
+                             f"n >= 2 (got {self.rollout.n})")
+        if self.algorithm.loss == "dapo" and self.algorithm.overlong_buffer >= self.rollout.max_tokens:
+            raise ValueError(f"algorithm.overlong_buffer: {self.algorithm.overlong_buffer} is not below "
+                             f"rollout.max_tokens={self.rollout.max_tokens}, so DAPO would penalise every response "
+                             "from its first token")
+        return self
 
     @model_validator(mode="after")
     def _engine_serves_trainer_precision(self) -> "GRPORecipe":
@@ -412,8 +489,8 @@ class EvalRMRecipe(StageBase):
     """Tokens per (prompt, response) for model critics; longer ones keep their end."""
     bootstrap: int = Field(1000, ge=10)
     """Bootstrap resamples for the accuracy interval."""
-    seed: int = 0
-    """Seed of the bootstrap (the report is a function of critic, data and seed)."""
+    seed: Seed = 0
+    """Seed of the bootstrap, in [0, 2**32) (the report is a function of critic, data and seed)."""
     limit: int | None = Field(None, ge=1)
     """Evaluate only the first this-many pairs."""
 

@@ -5,7 +5,11 @@ Every failure is a `RecipeError` whose message is one line naming the dotted fie
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,13 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), max_steps: i
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -38,6 +48,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), max_steps: i
     if max_steps is not None:
         _cap_steps(recipe, max_steps)
     check_paths(recipe)
+    check_rewards(recipe)
     return recipe
 
 
@@ -70,6 +81,9 @@ def _with_kind_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_FIELD_FIRST = re.compile(r"^[A-Za-z_][\w.]*: ")
+
+
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
     # Drop the discriminator tag pydantic inserts after a list index (stages.0.sft.trainer -> stages.0.trainer).
@@ -78,6 +92,8 @@ def _first_error(e: ValidationError) -> str:
     if err["type"] == "extra_forbidden":
         return f"{field}: unknown key"
     msg = err["msg"].removeprefix("Value error, ")
+    if field and err["type"] == "value_error" and _FIELD_FIRST.match(msg):
+        return f"{field}.{msg}"  # a stage validator naming its own field: stages.0 + rollout.n: ...
     if err["type"] in ("missing", "literal_error", "union_tag_invalid", "value_error") or "input" not in err:
         return f"{field}: {msg}" if field else msg
     return f"{field}: {msg} (got {err['input']!r})"
@@ -128,22 +144,66 @@ def _cap_steps(recipe: BaseModel, max_steps: int) -> None:
             trainer.save_every = min(trainer.save_every, trainer.max_steps)
 
 
+def _checkpoint_problem(path: str) -> str | None:
+    """Why `path` is not a Hugging Face checkpoint directory (every loader here reads its config.json), else None."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return f"no such checkpoint directory: {path}"
+    if not (p / "config.json").is_file():
+        return f"{path}: no config.json (not a Hugging Face checkpoint directory)"
+    return None
+
+
+# What `datasets.load_from_disk` (which `read_rows` uses for a directory) looks for: a saved Dataset or DatasetDict.
+_SAVED_DATASET = ("dataset_info.json", "state.json")
+_SAVED_DATASET_DICT = "dataset_dict.json"
+
+
+def _data_problem(path: str) -> str | None:
+    """Why `path` cannot be read as data (a file, or a directory saved by `datasets`' `save_to_disk`), else None."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return f"no such file or directory: {path}"
+    if not p.is_dir():
+        return None
+    if all((p / f).is_file() for f in _SAVED_DATASET):
+        return None
+    if (p / _SAVED_DATASET_DICT).is_file():
+        try:
+            splits = json.loads((p / _SAVED_DATASET_DICT).read_text()).get("splits", [])
+        except (OSError, ValueError, AttributeError) as e:
+            return f"{path}: unreadable {_SAVED_DATASET_DICT} ({e})"
+        return None if "train" in splits else f"{path}: the saved DatasetDict has no `train` split (has {splits})"
+    try:
+        empty = not any(p.iterdir())
+    except OSError as e:
+        return f"{path}: cannot be read ({e.strerror})"
+    if empty:
+        return f"{path}: empty directory"
+    return (f"{path}: a directory that is not a saved `datasets` dataset (no {' + '.join(_SAVED_DATASET)} or "
+            f"{_SAVED_DATASET_DICT}); name a JSONL/JSON/Parquet/CSV file, or write the dataset with `save_to_disk`")
+
+
 def check_paths(recipe: BaseModel) -> None:
-    """Every file or directory a recipe names must exist before anything starts.
+    """Every file or directory a recipe names must exist, and be of the kind it names, before anything starts.
 
     Paths are relative to the working directory, as on any command line."""
     for prefix, stage in stages_of(recipe):
         model = getattr(stage, "model", None)
-        if model is not None and model.path and not Path(model.path).expanduser().is_dir():
-            raise RecipeError(f"{prefix}model.path: no such checkpoint directory: {model.path}")
+        if model is not None and model.path and (problem := _checkpoint_problem(model.path)):
+            raise RecipeError(f"{prefix}model.path: {problem}")
         data = getattr(stage, "data", None)
         for field in ("path", "eval_path"):
             value = getattr(data, field, None) if data is not None else None
-            if value and not Path(value).expanduser().exists():
-                raise RecipeError(f"{prefix}data.{field}: no such file or directory: {value}")
+            if value and (problem := _data_problem(value)):
+                raise RecipeError(f"{prefix}data.{field}: {problem}")
         for j, teacher in enumerate(getattr(stage, "teachers", []) or []):
-            if teacher.path and not Path(teacher.path).expanduser().is_dir():
-                raise RecipeError(f"{prefix}teachers.{j}.path: no such checkpoint directory: {teacher.path}")
+            if teacher.path and (problem := _checkpoint_problem(teacher.path)):
+                raise RecipeError(f"{prefix}teachers.{j}.path: {problem}")
+        rewards = getattr(stage, "rewards", None)
+        reference = rewards.meta_critic.reference if rewards is not None and rewards.meta_critic else None
+        if reference and not Path(reference).expanduser().is_file():
+            raise RecipeError(f"{prefix}rewards.meta_critic.reference: no such file: {reference}")
         if getattr(stage, "kind", None) == "eval_rm":
             if stage.reference and not Path(stage.reference).expanduser().is_file():
                 raise RecipeError(f"{prefix}reference: no such file: {stage.reference}")
@@ -159,3 +219,59 @@ def check_paths(recipe: BaseModel) -> None:
                 if rest not in REWARDS:
                     raise RecipeError(f"{prefix}critic: unknown rule {rest!r} (registered: {sorted(REWARDS)})")
 
+
+def check_rewards(recipe: BaseModel) -> None:
+    """Resolve every reward term now, as the run would after starting Ray, vLLM and the trainer.
+
+    A built-in name or a `pkg.module:function` must import (the user's module is imported here, in the CLI
+    process; the built-ins cost ~20 ms and no torch) and accept the term's options; `critic:rule:NAME` must be
+    registered and `critic:DIR` a checkpoint directory."""
+    for prefix, stage in stages_of(recipe):
+        rewards = getattr(stage, "rewards", None)
+        for j, term in enumerate(rewards.terms if rewards is not None else []):
+            where = f"{prefix}rewards.terms.{j}"
+            problem = _critic_problem(term) if term.name.startswith("critic:") else _reward_problem(term)
+            if problem:
+                raise RecipeError(f"{where}.{problem}")
+
+
+def _reward_problem(term: BaseModel) -> str | None:
+    """`name: ...` or `options: ...` when the term's function cannot be imported or called with its options."""
+    from dspost.rewards.registry import REWARDS, resolve
+
+    try:
+        module, _, fn_name = resolve(term.name).partition(":")
+        fn = getattr(importlib.import_module(module), fn_name)
+    except Exception as e:
+        message = str(e)
+        if isinstance(e, ValueError) and message.startswith("rewards.terms: "):  # resolve's own one-line message
+            return f"name: {message.removeprefix('rewards.terms: ')}"
+        # The user's module raised while importing (SyntaxError, RuntimeError, ...).
+        return f"name: cannot import reward {term.name!r}: {type(e).__name__}: {(message.splitlines() or [''])[0]}"
+    if not callable(fn):
+        return f"name: {term.name!r} is not a function"
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have no signature: nothing to check
+        return None
+    try:
+        signature.bind("", {}, **term.options)
+    except TypeError as e:
+        known = [name for name, p in list(signature.parameters.items())[2:] if p.kind is not p.VAR_KEYWORD]
+        kind = "built-in reward" if term.name in REWARDS else "reward"
+        return f"options: {e} ({kind} {term.name!r} takes {known or 'no options'})"
+    return None
+
+
+def _critic_problem(term: BaseModel) -> str | None:
+    from dspost.rewards.critics import parse_critic
+    from dspost.rewards.registry import REWARDS
+
+    if term.options:
+        return f"options: critic terms take no options (got {sorted(term.options)})"
+    kind, rest = parse_critic(term.name.removeprefix("critic:"))
+    if kind == "rule" and rest not in REWARDS:
+        return f"name: unknown rule {rest!r} (registered: {sorted(REWARDS)})"
+    if kind == "model" and (problem := _checkpoint_problem(rest)):
+        return f"name: {problem}; expected critic:length, critic:rule:NAME or critic:DIR (a reward-model checkpoint)"
+    return None
