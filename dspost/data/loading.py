@@ -62,25 +62,32 @@ class Example:
 
 @dataclass
 class Table:
-    """A data file's rows in file order, each with its number; a row that could not be read is a `BadRow`."""
+    """A data file's rows in file order; a row that could not be read is a `BadRow`."""
     path: str
-    rows: list[tuple[int, Row | BadRow]]
-    by_line: bool  # numbered by 0-based line (JSON lines, CSV), else by 0-based row
+    rows: list[Row | BadRow]
+    lines: list[int] | None = None  # text files: the 1-based line each row starts on (blank lines are no rows)
 
-    @property
-    def size(self) -> int:
-        """One past the last row number: where the numbers of a file read after this one start."""
-        return self.rows[-1][0] + 1 if self.rows else 0
+    def where(self, i: int) -> str:
+        """`row 3 of x.jsonl (line 5)`: the 0-based row (as `datasets` counts) and the line (as editors do)."""
+        line = f" (line {self.lines[i]})" if self.lines and i < len(self.lines) else ""
+        return f"row {i} of {self.path}{line}"
+
+    @staticmethod
+    def numbered(path: str, rows: Iterable[tuple[int, Row | BadRow]]) -> Table:
+        """A table of a text file from (0-based line, row) pairs."""
+        rows = list(rows)
+        return Table(path, [r for _, r in rows], [n + 1 for n, _ in rows])
 
 
 @dataclass
 class BadRows:
-    """Bad rows counted by reason, each with its first row. Numbers run on across the files read together:
-    `sources` holds (first number, file, numbered by line) of each, so `where` names the file and line back."""
+    """Bad rows counted by reason, each with its first row. Rows are numbered from 0 on across the files read
+    together (those of `eval_path` after those of `path`); `sources` holds each file's first number and table,
+    so that `where` names the file and line back."""
     total: int = 0
     reasons: Counter = field(default_factory=Counter)
     first: dict[str, int] = field(default_factory=dict)
-    sources: list[tuple[int, str, bool]] = field(default_factory=list)
+    sources: list[tuple[int, Table]] = field(default_factory=list)
 
     def add(self, row: int, reason: str) -> None:
         self.reasons[reason] += 1
@@ -91,10 +98,9 @@ class BadRows:
         return sum(self.reasons.values())
 
     def where(self, row: int) -> str:
-        """`file line N` (1-based, as editors count) or `file row N` (0-based, as `datasets` counts)."""
-        for start, path, by_line in reversed(self.sources):
+        for start, table in reversed(self.sources):
             if row >= start:
-                return f"{path} line {row - start + 1}" if by_line else f"{path} row {row - start}"
+                return table.where(row - start)
         return f"row {row}"
 
     def check(self, limit: float, source: str) -> None:
@@ -114,20 +120,20 @@ def read_file(path: str, name: str = "data.path") -> Table:
     if not p.exists():
         raise DataError(f"{name}: {path} does not exist")
     if p.is_dir():
-        return Table(path, list(enumerate(_saved_dataset(p, name))), by_line=False)
+        return Table(path, _saved_dataset(p, name))
     suffix = p.name.removesuffix(".gz").rsplit(".", 1)[-1] if "." in p.name else ""
     if suffix not in ("jsonl", "json", "csv", "parquet"):
         raise DataError(f"{name}: {path}: unsupported file type (jsonl, json, parquet, csv, their .gz, or a "
                         f"datasets directory)")
     if suffix == "parquet":
-        return Table(path, list(enumerate(_parquet(p, name))), by_line=False)
+        return Table(path, _parquet(p, name))
     with _open(p, name) as f:
         try:
             if suffix == "csv":
-                return Table(path, list(_csv_rows(f, f"{name}: {path}")), by_line=True)
+                return Table.numbered(path, _csv_rows(f, f"{name}: {path}"))
             if suffix == "json" and _starts_with(f, b"["):
-                return Table(path, list(enumerate(_json_array(f.read(), f"{name}: {path}"))), by_line=False)
-            return Table(path, list(_json_lines(f)), by_line=True)
+                return Table(path, list(_json_array(f.read(), f"{name}: {path}")))
+            return Table.numbered(path, _json_lines(f))
         except (EOFError, OSError, zlib.error) as e:  # a torn .gz: the rows after the tear are lost, unknown how many
             what = "cannot be read to the end" if isinstance(e, EOFError) else "cannot be read"
             raise DataError(f"{name}: {path}: {what} ({type(e).__name__}: {e})") from None
@@ -136,11 +142,10 @@ def read_file(path: str, name: str = "data.path") -> Table:
 def read_rows(path: str) -> list[Row]:
     """The rows of a file, for callers that do not count bad rows: a row that cannot be read is an error."""
     table = read_file(path)
-    for n, row in table.rows:
+    for i, row in enumerate(table.rows):
         if isinstance(row, BadRow):
-            at = f"line {n + 1}" if table.by_line else f"row {n}"
-            raise DataError(f"data.path: {path} {at}: {row}")
-    return [row for _, row in table.rows]
+            raise DataError(f"data.path: {table.where(i)}: {row}")
+    return table.rows
 
 
 def _open(p: Path, name: str) -> IO[bytes]:
@@ -459,14 +464,14 @@ def load_examples(data: BaseModel) -> tuple[list[Example], list[Example], BadRow
         tables.append(read_file(data.eval_path, "data.eval_path"))
     if not tables[0].rows:
         raise DataError(f"data.path: {data.path}: no rows")
-    readable = [r for _, r in tables[0].rows if isinstance(r, dict)]
+    readable = [r for r in tables[0].rows if isinstance(r, dict)]
     fmt = file_format(readable, data.format, data.columns) if readable else data.format  # else all rows are bad
     bad, parts, start = BadRows(), [], 0
     for table in tables:
-        bad.sources.append((start, table.path, table.by_line))
+        bad.sources.append((start, table))
         bad.total += len(table.rows)
         parts.append(_convert(table, start, fmt, data.columns, bad))
-        start += table.size
+        start += len(table.rows)
     bad.check(data.max_bad_fraction, data.path)
     train, held_out = split(parts, data.num_eval, data.path, data.eval_path)
     return train, held_out, bad
@@ -474,7 +479,7 @@ def load_examples(data: BaseModel) -> tuple[list[Example], list[Example], BadRow
 
 def _convert(table: Table, offset: int, fmt: str, columns: dict[str, str], bad: BadRows) -> list[Example]:
     out = []
-    for n, row in table.rows:
+    for n, row in enumerate(table.rows):
         try:
             if isinstance(row, BadRow):
                 raise row

@@ -61,7 +61,7 @@ def test_a_torn_json_line_is_one_bad_row(tmp_path, where, gz):
     f.write_bytes(gzip.compress(data) if gz else data)
     train, held, bad = load(f, num_eval=2)
     assert dict(bad.reasons) == {"not valid JSON": 1} and bad.total == 21
-    assert bad.where(bad.first["not valid JSON"]) == f"{f} line {where + 1}"
+    assert bad.where(bad.first["not valid JSON"]) == f"row {where} of {f} (line {where + 1})"
     assert [ex.messages[0]["content"] for ex in train + held] == [f"q{i}" for i in range(20)]
 
 
@@ -94,7 +94,7 @@ def test_lines_that_are_not_rows_are_counted(tmp_path, line, reason):
     f = write_jsonl(tmp_path / "x.jsonl", [chat_row(i) for i in range(30)])
     f.write_bytes(f.read_bytes() + (line if isinstance(line, bytes) else line.encode()) + b"\n\n")
     train, held, bad = load(f, num_eval=3)
-    assert dict(bad.reasons) == {reason: 1} and bad.where(bad.first[reason]) == f"{f} line 31"
+    assert dict(bad.reasons) == {reason: 1} and bad.where(bad.first[reason]) == f"row 30 of {f} (line 31)"
     assert len(train) + len(held) == 30
 
 
@@ -181,7 +181,7 @@ def test_csv_fields_are_read_as_written(tmp_path):
     got = {ex.messages[0]["content"]: ex.messages[1]["content"] for ex in train + held}
     assert got["zip of Paris?"] == "007" and got["null?"] == "NA" and got["a, b"] == "multi\nline"
     assert dict(bad.reasons) == {"CSV record has a different number of fields than the header": 1}
-    assert bad.where(next(iter(bad.first.values()))) == f"{f} line 6"
+    assert bad.where(next(iter(bad.first.values()))) == f"row 3 of {f} (line 6)"
 
 
 def test_parquet_and_saved_datasets_keep_zero_answers(tmp_path):
@@ -218,16 +218,17 @@ def test_too_few_usable_rows_is_one_line_with_the_counts(tmp_path):
 
 def test_bad_rows_and_examples_point_back_to_their_file_and_line(tmp_path):
     f = write_jsonl(tmp_path / "x.jsonl", [chat_row(i) for i in range(10)])
-    e = write_jsonl(tmp_path / "eval.jsonl", [chat_row(10), {"messages": []}, {"messages": []}])
-    with pytest.raises(DataError, match=r"first at .*eval\.jsonl line 2\)$"):
+    e = tmp_path / "eval.jsonl"
+    e.write_text(json.dumps(chat_row(10)) + "\n\n" + json.dumps({"messages": []}) + "\n" + json.dumps({"messages": []}))
+    with pytest.raises(DataError, match=r"first at row 1 of .*eval\.jsonl \(line 3\)\)$"):  # a blank line is no row
         load(f, eval_path=str(e))
     train, held, bad = load(f, eval_path=str(e), max_bad_fraction=0.5)
-    assert [bad.where(ex.row) for ex in (train[3], held[0])] == [f"{f} line 4", f"{e} line 1"]
+    assert [bad.where(ex.row) for ex in (train[3], held[0])] == [f"row 3 of {f} (line 4)", f"row 0 of {e} (line 1)"]
 
 
 def test_read_rows_refuses_an_unreadable_line(tmp_path):
     from dspost.data.loading import read_rows
 
     f = write_jsonl(tmp_path / "x.jsonl", [{"a": 1}, {"a": 2}], tail='{"a": ')
-    with pytest.raises(DataError, match=r"x\.jsonl line 3: not valid JSON"):
+    with pytest.raises(DataError, match=r"row 2 of .*x\.jsonl \(line 3\): not valid JSON"):
         read_rows(str(f))
