@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import math
 import re
@@ -25,7 +26,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -42,6 +43,7 @@ _GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
 _BOM = "\ufeff"
 
 Row = dict[str, Any]
+T = TypeVar("T")
 
 
 class DataError(ValueError):
@@ -240,8 +242,6 @@ def _line_col(text: str, i: int) -> str:
 def _csv_rows(f: IO[bytes], where: str) -> Iterator[tuple[int, Row | BadRow]]:
     """CSV records as strings exactly as written, numbered by the 0-based line each starts on; a record with
     more or fewer fields than the header is a bad row (a missing field is not an empty one)."""
-    import io
-
     text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
     reader = csv.reader(text)
     limit = csv.field_size_limit()
@@ -492,10 +492,9 @@ def _convert(table: Table, offset: int, fmt: str, columns: dict[str, str], bad: 
     return out
 
 
-def split(parts: list[list[Example]], num_eval: int, path: str,
-          eval_path: str | None) -> tuple[list[Example], list[Example]]:
-    """(train, held-out) from the usable examples of `path` (and of `eval_path`): a run needs one of each (an
-    empty training set has no batch, an empty held-out set no accuracy), else one line with the counts."""
+def split(parts: list[list[T]], num_eval: int, path: str, eval_path: str | None) -> tuple[list[T], list[T]]:
+    """(train, held-out) from the usable examples (or pairs) of `path` (and of `eval_path`): a run needs one of
+    each (an empty training set has no batch, an empty held-out set no accuracy), else one line with the counts."""
     if len(parts) == 2:
         train, held_out = parts
         if not train:
