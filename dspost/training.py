@@ -1,11 +1,15 @@
-"""Pieces every trainer shares: the LR schedule and the training checkpoint (model + optimizer + RNG)."""
+"""Pieces every trainer shares: the LR schedule, the training checkpoint (model + optimizer + RNG), and the
+finiteness checks that stop a run before a NaN is synced or saved."""
 
 from __future__ import annotations
 
 import math
+import pickle
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
 
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
@@ -16,12 +20,57 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+class NonFiniteError(RuntimeError):
+    """A loss, gradient norm or weight is NaN or infinite; the message is one line naming the step and the tensor."""
+
+
+def floating_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every floating-point parameter and buffer of `model`: what a checkpoint holds."""
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_floating_point():
+            yield name, t
+
+
+def check_finite(step: int, what: str, value: float | torch.Tensor | Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Raise `NonFiniteError` ("step N: WHAT is not finite (NAME: nan, 3 of 4096 values)") unless `value` -- a
+    number, a tensor, or (name, tensor) pairs such as `floating_tensors(model)` -- is all finite.
+
+    Pairs are screened by one float32 sum per tensor, checked together (one device sync): 0.9 ms for the 96
+    tensors (6.6 M values) of tiny-math on one CPU thread, against 13 ms for `isfinite().all()` on each. A sum
+    is not finite when a NaN or infinity is in the tensor, or when finite values overflow; only such tensors are
+    then inspected element-wise, so an overflowing sum is no false alarm."""
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise NonFiniteError(f"step {step}: {what} is not finite ({value})")
+        return
+    named = [("", value)] if isinstance(value, torch.Tensor) else list(value)
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in named:
+        if t.is_floating_point() and t.numel():
+            by_device.setdefault(t.device, []).append((name, t.detach()))
+    for group in by_device.values():
+        sums = torch.stack([t.sum(dtype=torch.float32) if t.element_size() > 1 else t.float().sum() for _, t in group])
+        if bool(torch.isfinite(sums).all()):
+            continue
+        for i in torch.nonzero(~torch.isfinite(sums)).flatten().tolist():
+            name, t = group[i]
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                first = t[bad].flatten()[0].item()
+                detail = f"{first}" if t.numel() == 1 else f"{first}, {int(bad.sum())} of {t.numel()} values"
+                raise NonFiniteError(f"step {step}: {what} is not finite ({name + ': ' if name else ''}{detail})")
+
+
 def save_training_checkpoint(path: Path, model, tokenizer, optimizer, step: int, extra: dict | None = None) -> Path:
-    """HF-layout model (or PEFT adapter) + tokenizer + `trainer_state.pt`, written atomically into `path`."""
+    """HF-layout model (or PEFT adapter) + tokenizer + `trainer_state.pt`, written atomically into `path`.
+
+    A model with a NaN or infinite weight is refused (`NonFiniteError`) before anything is written, so the
+    caller never marks such a checkpoint latest."""
     from dspost.model import DeepseekV3
     from dspost.model.checkpoint import atomic_dir, write_checkpoint
     from dspost.model.reward_model import DeepseekV3RewardModel
 
+    check_finite(step, "a weight to save", floating_tensors(model))
     with atomic_dir(path) as tmp:
         if isinstance(model, DeepseekV3RewardModel):
             model.write(tmp, tokenizer=tokenizer)
@@ -44,10 +93,37 @@ def save_checkpoint(run, model, tokenizer, optimizer, step: int) -> Path:
 
 
 def load_training_state(path: Path, optimizer) -> dict:
-    state = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
+    """Restore `optimizer` and the torch RNG from `path/trainer_state.pt`; returns the whole state (`step`, and
+    what the trainer added).
+
+    Loaded with `weights_only=True`: tensors and plain values only, so a run directory cannot run code through
+    its pickles (one written by `save_training_checkpoint` holds nothing else). Tensors land on the CPU and the
+    optimizer moves its state to its parameters' device."""
+    from dspost.model import CheckpointError
+
+    file = Path(path) / "trainer_state.pt"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such file (not a training checkpoint of dspost)")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{file}: refused to load: it holds objects other than tensors and plain values, "
+                              f"which unpickling would run ({_unpickling_reason(e)})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{file}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    missing = [k for k in ("optimizer", "torch_rng", "step") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{file}: no {missing[0]!r} entry (not a training checkpoint of dspost)")
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     return state
+
+
+def _unpickling_reason(e: Exception) -> str:
+    """The line of torch's multi-paragraph weights-only refusal that names the offending global."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln]
+    return (named or lines or [type(e).__name__])[0]
 
 
 def optimizer_and_start(model, t, resume_from: Path | None) -> tuple[torch.optim.Optimizer, int]:

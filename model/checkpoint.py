@@ -11,9 +11,11 @@ vLLM's MTP module loads; we write them and ignore them on load.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
+import secrets
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -84,23 +86,173 @@ def hf_tensors(model: DeepseekV3, include_mtp: bool = True) -> Iterator[tuple[st
 
 
 # ------------------------------------------------------------------------------------------ save
+# Temporaries of `atomic_dir` and `write_file_atomic`: `.NAME.tmp-PID-TOKEN` (being written) and
+# `.NAME.old-PID-TOKEN` (the directory it replaces, moved aside between the two renames). The older
+# `.NAME.tmp-PID` form (no token, no lock) is matched too, so what earlier versions left is cleaned as well.
+_TEMP_RE = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old)-(?P<token>\d+(?:-[0-9a-f]+)?)$")
+
+
+def _temp_token() -> str:
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _flock(fd: int) -> bool:
+    """Take an exclusive lock on `fd` without waiting; False where it is held elsewhere or the filesystem has no
+    locks. flock locks belong to the open file and die with the process, whoever the host or pid namespace."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then every directory bottom-up, `root` last: a rename that publishes `root`
+    then cannot reach the disk before its contents (ext4 and XFS may otherwise persist the rename with empty files)."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            file = os.path.join(dirpath, name)
+            if os.path.islink(file):
+                continue
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(dirpath)
+
+
+def _publish(tmp: Path, path: Path, old: Path) -> None:
+    """Rename `tmp` to `path`; an existing `path` is moved aside to `old` for the moment between the two renames
+    (a directory cannot be replaced by one rename) and put back if the second fails."""
+    aside = os.path.lexists(path)
+    if aside:
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if aside:
+            os.rename(old, path)
+        raise
+    _fsync_dir(path.parent)
+    if aside:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Write a directory under a temporary name and rename it into place, so a crash never leaves half."""
+    """Write a directory under a temporary name and rename it into place, so a crash never leaves half.
+
+    Everything written is fsynced before the rename and the parent after it, so a crash after the rename
+    cannot publish an empty or partial directory. The writer holds an flock on its temporary until it is
+    published, which is how `clean_stale_temporaries` (called here first for `path`) tells a killed writer's
+    leftovers from a live one's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    clean_stale_temporaries(path.parent, path.name)
+    token = _temp_token()
+    tmp, old = path.parent / f".{path.name}.tmp-{token}", path.parent / f".{path.name}.old-{token}"
     tmp.mkdir()
+    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    _flock(fd)  # a fresh directory: only a filesystem without locks refuses (then nothing is ever cleaned up)
     try:
         yield tmp
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
+        _fsync_tree(tmp)
+        _publish(tmp, path, old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
+
+
+def write_file_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write a file under a temporary name (locked like `atomic_dir`'s), fsync it, rename it into place and
+    fsync the directory: readers see the old or the new content, after a crash too."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{_temp_token()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        _flock(fd)
+        view = memoryview(data.encode() if isinstance(data, str) else data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    finally:
+        os.close(fd)
+
+
+def clean_stale_temporaries(parent: str | os.PathLike, target: str | None = None) -> list[str]:
+    """Remove the temporaries that killed writers of `atomic_dir` / `write_file_atomic` left in `parent` (those
+    of `target` only, or all); returns their names.
+
+    Safe with live writers of this or any other process, on this host or another sharing the filesystem: a
+    temporary is touched only once its writer's flock could be taken, and flock locks are released when their
+    process dies (a pid could be reused or live in another namespace; a lock cannot). On a filesystem without
+    locks nothing is removed. A writer killed between the two renames of a replacement left the replaced
+    directory aside and none in place: it is put back, so the state is the one before that save."""
+    parent = Path(parent)
+    groups: dict[tuple[str, str], Path | None] = {}
+    for p in parent.iterdir():
+        m = _TEMP_RE.match(p.name)
+        if m and (target is None or m["target"] == target):
+            old = groups.get((m["target"], m["token"]))
+            groups[(m["target"], m["token"])] = p if m["kind"] == "old" else old
+    removed: list[str] = []
+    for (name, token), old in sorted(groups.items()):
+        tmp = parent / f".{name}.tmp-{token}"
+        fd = _lock_if_free(tmp)
+        if fd is None and os.path.lexists(tmp):
+            continue  # its writer is alive (or this filesystem cannot tell)
+        try:
+            if old is not None and not os.path.lexists(parent / name):
+                os.rename(old, parent / name)
+                _fsync_dir(parent)
+                old = None
+            for p in (tmp, old):
+                if p is not None and os.path.lexists(p):
+                    _remove(p)
+                    removed.append(p.name)
+        except OSError:
+            continue  # another cleaner got there first
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
+
+
+def _lock_if_free(path: Path) -> int | None:
+    """An open, locked descriptor of `path` if no one else holds its lock and the name still names it; else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        if _flock(fd) and os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+            return fd
+    except OSError:  # renamed or removed meanwhile: its writer published it
+        pass
+    os.close(fd)
+    return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def save_pretrained(model: DeepseekV3, path: str | os.PathLike, tokenizer=None,

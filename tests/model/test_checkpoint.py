@@ -1,6 +1,7 @@
 """Checkpoint contract: hub layout, FP8 (DeepSeek block format) dequant on load, shards, atomic writes."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -142,3 +143,68 @@ def test_bf16_load(tmp_path):
     loaded = from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert loaded.lm_head.weight.dtype == torch.bfloat16
     assert loaded.moe_layers()[0].gate.e_score_correction_bias.dtype == torch.float32
+
+
+def test_atomic_dir_fsyncs_what_it_publishes_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", str(a), str(b))), real_rename(a, b))[1])
+    target = tmp_path / "ckpt"
+    with atomic_dir(target) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "model.safetensors").write_bytes(b"w" * 100)
+        (tmp / "sub" / "config.json").write_text("{}")
+    (publish,) = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(target)]
+    before = {e[1] for e in events[:publish] if e[0] == "fsync"}
+    assert before == {str(tmp / "model.safetensors"), str(tmp / "sub" / "config.json"), str(tmp / "sub"), str(tmp)}
+    assert ("fsync", str(tmp_path)) in events[publish:]  # the rename itself is made durable
+    assert (target / "sub" / "config.json").read_text() == "{}"
+
+
+def test_atomic_dir_removes_dead_writers_temporaries_of_its_target_and_not_live_ones(tmp_path):
+    from dspost.model.checkpoint import atomic_dir
+
+    target = tmp_path / "ckpt"
+    (tmp_path / ".ckpt.tmp-123").mkdir()  # a killed writer's (its lock died with it)
+    (tmp_path / ".other.tmp-123").mkdir()  # another target's: not this writer's business
+    with atomic_dir(target) as outer:
+        (outer / "w").write_text("outer")
+        with atomic_dir(target) as inner:  # a second writer while the first is live
+            (inner / "w").write_text("inner")
+        assert outer.is_dir() and (target / "w").read_text() == "inner"
+    assert (target / "w").read_text() == "outer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-123", "ckpt"]
+
+
+KILLED_BETWEEN_RENAMES = """
+import os, sys
+from pathlib import Path
+from dspost.model.checkpoint import atomic_dir
+target = Path(sys.argv[1])
+with atomic_dir(target) as tmp:
+    (tmp / "w").write_text("first")
+real, calls = os.rename, []
+def rename(a, b):
+    calls.append(a)
+    if len(calls) == 2:  # the old directory is aside, the new one not yet in place
+        os._exit(9)
+    real(a, b)
+os.rename = rename
+with atomic_dir(target) as tmp:
+    (tmp / "w").write_text("second")
+"""
+
+
+def test_a_writer_killed_between_its_renames_leaves_the_replaced_directory_restored(tmp_path):
+    import subprocess
+    import sys
+
+    from dspost.model.checkpoint import clean_stale_temporaries
+
+    target = tmp_path / "step_2"
+    assert subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(target)]).returncode == 9
+    assert not target.exists() and len(list(tmp_path.iterdir())) == 2  # aside and new, both hidden
+    assert len(clean_stale_temporaries(tmp_path)) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["step_2"] and (target / "w").read_text() == "first"
