@@ -10,6 +10,7 @@ import sys
 import yaml
 
 EXIT_BAD_INPUT = 2
+EXIT_RUN_STOPPED = 1  # the run refused to go on (non-finite numbers, parity, reward errors): no traceback
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,14 +76,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(recipe) -> int:
     from dspost.data.loading import DataError
+    from dspost.grpo import ParityError, RewardError
     from dspost.model import CheckpointError
+    from dspost.rollout.sync import SyncError
     from dspost.runner import run_recipe
+    from dspost.training import NonFiniteError
 
     try:
         run_recipe(recipe)
     except (DataError, CheckpointError, NotImplementedError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except (NonFiniteError, ParityError, RewardError, SyncError) as e:  # a run that stopped itself: say why, once
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RUN_STOPPED
     return 0
 
 

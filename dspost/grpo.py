@@ -48,7 +48,7 @@ def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) ->
     r, t, a = recipe.rollout, recipe.trainer, recipe.algorithm
     train, held_out, bad = load_examples(recipe.data)
     ray, own_ray = start_ray(recipe.ray)
-    resume_from = run.latest_checkpoint() if recipe.resume else None
+    resume_from = run.resume_from
     start = int(resume_from.name.split("_")[1]) if resume_from else 0
     serve_from = str(resume_from or model_path)
     pool, trainers = start_pools(recipe, serve_from, str(model_path), str(resume_from) if resume_from else None)
@@ -136,7 +136,7 @@ def fitting_prompts(tok, examples: list[Example], max_len: int, bad, offset: int
     for i, ex in enumerate(examples):
         p = prompt_ids(tok, ex)
         if len(p) > max_len:
-            bad.add(offset + i, f"prompt longer than data.max_seq_len={max_len} tokens")
+            bad.add(ex.row if ex.row is not None else offset + i, f"prompt longer than data.max_seq_len={max_len} tokens")
             continue
         kept.append(ex)
         ids.append(p)
@@ -263,9 +263,12 @@ def sync(pool, trainers: list, cfg: BaseModel, version: int) -> float:
 def check_parity(pool, trainer, probe: list[list[int]], threshold: float) -> dict[str, float]:
     """Engine vs trainer logprobs on a fixed batch: a sync that did not move the weights shows up here. A
     non-finite difference fails too (NaN compares false with any threshold)."""
-    engine = pool.sequence_logprobs(probe)
-    ours = actor_get(trainer.sequence_logprobs.remote(probe))
-    diffs = torch.cat([(torch.tensor(e) - torch.tensor(o)).abs() for e, o in zip(engine, ours)])
+    return parity(pool.sequence_logprobs(probe), actor_get(trainer.sequence_logprobs.remote(probe)), threshold)
+
+
+def parity(engine: list[list[float]], trainer: list[list[float]], threshold: float) -> dict[str, float]:
+    """Mean and max |engine - trainer| logprob over the probe's tokens; raises `ParityError` beyond `threshold`."""
+    diffs = torch.cat([(torch.tensor(e) - torch.tensor(o)).abs() for e, o in zip(engine, trainer, strict=True)])
     mean, mx = float(diffs.mean()), float(diffs.max())
     if not mx <= threshold:
         raise ParityError(f"sync parity: engine and trainer logprobs differ by up to {mx:.3g} nats (mean {mean:.3g}) "

@@ -50,16 +50,18 @@ def tiny_math_warm_start(log=print) -> Path:
     init = tiny_math_init()
     digest = hashlib.sha256(WARM_START_RECIPE.read_bytes() + init.name.encode()).hexdigest()[:12]
     out = cache_dir() / f"tiny-math-sft-{digest}"
-    done = out / "checkpoints" / "latest"
-    if done.is_file():
-        return out / "checkpoints" / done.read_text().strip()
-    log(f"tiny-math warm start not cached: training it once with {WARM_START_RECIPE.name} into {out}")
     from dspost.recipe import load_recipe
-    from dspost.runner import run_stage
 
     recipe = load_recipe(WARM_START_RECIPE, [f"output_dir={out}", "resume=true"])
+    final = out / "checkpoints" / f"step_{recipe.trainer.max_steps}"
+    # Only the last step's checkpoint is the warm start: a run killed after an earlier save resumes from it.
+    if (final / "config.json").is_file():
+        return final
+    log(f"tiny-math warm start not cached: training it once with {WARM_START_RECIPE.name} into {out}")
+    from dspost.runner import run_stage
+
     run_stage(recipe)
-    return out / "checkpoints" / done.read_text().strip()
+    return final
 
 
 def resolve_model(section: BaseModel, stage_outputs: dict[str, Path] | None = None, log=print) -> Path:

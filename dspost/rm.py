@@ -19,7 +19,8 @@ from dspost.data.loading import BadRows
 from dspost.model.quant import apply_training_precision
 from dspost.rundir import RunDir
 from dspost.sft import batch_indices
-from dspost.training import check_finite, compile_if_asked, optimizer_and_start, save_checkpoint, set_lr
+from dspost.training import (check_finite, compile_if_asked, floating_tensors, optimizer_and_start, save_checkpoint,
+                             set_lr)
 
 
 def tokenize_pairs(pairs, tok, max_len: int, bad: BadRows, offset: int = 0) -> list[tuple[list[int], list[int]]]:
@@ -87,7 +88,7 @@ def run_rm(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> P
     run.log.info("data: %d train, %d held-out pairs; bad rows: %s", len(train), len(held_out), bad.summary())
 
     dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
-    resume_from = run.latest_checkpoint() if recipe.resume else None
+    resume_from = run.resume_from
     rm = load_reward_model(resume_from if resume_from and not t.lora else model_path, dtype=dtype, init_head_seed=t.seed)
     rm.lm.balance_alpha = m.seq_balance_loss_weight
     apply_training_precision(rm, t.quantization)
@@ -119,7 +120,7 @@ def run_rm(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> P
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm)
         check_finite(step + 1, "the gradient norm", grad_norm)
         opt.step()
-        check_finite(step + 1, "the weights", rm.named_parameters())
+        check_finite(step + 1, "a weight after the optimizer step", floating_tensors(rm))
         opt.zero_grad(set_to_none=True)
         _unwrap(rm).lm.update_router_biases(bias_speed)
         margin = torch.cat(margins)

@@ -22,7 +22,8 @@ from dspost.distributed import (all_reduce_grads, all_reduce_mean, all_reduce_ro
 from dspost.lora import add_adapters, is_ours, load_adapters, merge_lora, merged
 from dspost.model.quant import apply_training_precision
 from dspost.rundir import RunDir
-from dspost.training import check_finite, compile_if_asked, optimizer_and_start, save_training_checkpoint, set_lr
+from dspost.training import (check_finite, compile_if_asked, floating_tensors, optimizer_and_start,
+                             save_training_checkpoint, set_lr)
 
 
 @dataclass
@@ -41,7 +42,7 @@ def tokenize(examples: list[Example], tok, max_len: int, bad: BadRows, offset: i
             prefix = prefix["input_ids"] if isinstance(prefix, dict) or hasattr(prefix, "keys") else prefix
             mask = [0] * len(prefix) + [1] * (len(ids) - len(prefix))
         if len(ids) > max_len:
-            bad.add(offset + i, f"longer than data.max_seq_len={max_len} tokens")
+            bad.add(ex.row if ex.row is not None else offset + i, f"longer than data.max_seq_len={max_len} tokens")
             continue
         out.append(Tokenized(ids, [t if m else -100 for t, m in zip(ids, mask)]))
     return out
@@ -289,7 +290,7 @@ class SFTWorker:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.clip_grad_norm)
         check_finite(step + 1, "the gradient norm", grad_norm)
         self.opt.step()
-        check_finite(step + 1, "the weights", self.model.named_parameters())
+        check_finite(step + 1, "a weight after the optimizer step", floating_tensors(self.model))
         self.opt.zero_grad(set_to_none=True)
         if self.ours:
             all_reduce_router_load(self.model, self.world)
@@ -374,7 +375,7 @@ class Workers:
 
 def run_sft(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> Path:
     t = recipe.trainer
-    resume_from = run.latest_checkpoint() if recipe.resume else None
+    resume_from = run.resume_from
     workers = Workers(recipe, model_path, resume_from)
     try:
         info = workers.all("setup")[0]

@@ -11,7 +11,8 @@ import torch
 
 from dspost.algorithms import LossInputs, policy_loss
 from dspost.distributed import all_reduce_grads, all_reduce_router_load, free_port, init_group
-from dspost.training import check_finite, compile_if_asked, load_training_state, lr_factor, save_training_checkpoint
+from dspost.training import (check_finite, compile_if_asked, floating_tensors, load_training_state, lr_factor,
+                             save_training_checkpoint)
 
 
 @dataclass
@@ -196,7 +197,7 @@ class TrainerWorker:
             check_finite(step, "the gradient norm", grad_norm)
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) / a.minibatches
             self.opt.step()
-            check_finite(step, "the weights", self.model.named_parameters())
+            check_finite(step, "a weight after the optimizer step", floating_tensors(self.model))
             self.opt.zero_grad(set_to_none=True)
             all_reduce_router_load(self.model, self.world)
             self.model.update_router_biases(self.model_cfg.bias_update_speed)
