@@ -23,6 +23,7 @@ class Pair:
     rejected: str
     category: str | None = None
     answer: str | None = None  # gold final answer of a verifiable pair (rule critics grade against it)
+    row: int | None = None  # the data row it came from, numbered as in the loader's `BadRows` (None: not from data)
 
 
 @dataclass(frozen=True)
