@@ -47,11 +47,20 @@ def timed(times: dict[str, float], phase: str):
 def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> Path:
     r, t, a = recipe.rollout, recipe.trainer, recipe.algorithm
     train, held_out, bad = load_examples(recipe.data)
-    ray, own_ray = start_ray(recipe.ray)
+    with contextlib.ExitStack() as running:  # whatever happens, no actor, pool or scorer outlives the run
+        ray, own_ray = start_ray(recipe.ray)
+        if own_ray:
+            running.callback(ray.shutdown)
+        return _run_grpo(recipe, run, model_path, progress, running, train, held_out, bad)
+
+
+def _run_grpo(recipe, run, model_path, progress, running, train, held_out, bad) -> Path:
+    r, t, a = recipe.rollout, recipe.trainer, recipe.algorithm
     resume_from = run.resume_from
     start = int(resume_from.name.split("_")[1]) if resume_from else 0
     serve_from = str(resume_from or model_path)
-    pool, trainers = start_pools(recipe, serve_from, str(model_path), str(resume_from) if resume_from else None)
+    pool, trainers = start_pools(recipe, serve_from, str(model_path), str(resume_from) if resume_from else None,
+                                 running)
     run.log.info("placement: %s", placement(pool, trainers))
     tok = pool_tokenizer(model_path)
     n_train = len(train)
@@ -64,6 +73,8 @@ def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) ->
     terms = [(resolve(term.name), term.weight, term.name, term.options) for term in recipe.rewards.terms
              if not is_critic(term.name)]
     critics = critic_terms(recipe.rewards, run.log)
+    for c in critics:
+        running.callback(c.close)
     sampling = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, stop=r.stop)
     decodings = eval_decodings(recipe.eval, r)
     run.log.info("routing replay: %s", "on" if a.routing_replay and pool.returns_routes() else
@@ -71,7 +82,8 @@ def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) ->
     run.resumed(resume_from, start)
     final = resume_from
     with ScoringPool(recipe.rewards.num_workers) as scorer:
-        parity = check_parity(pool, trainers[0], probe, recipe.sync.parity_threshold)
+        prober = ParityProbe(probe, recipe.sync.parity_threshold)
+        parity = prober.check(pool, trainers[0])
         if start == 0:
             acc = evaluate(pool, scorer, eval_prompts, held_out, decodings, terms, recipe.rewards, t.seed, 0)
             run.log_metrics(0, {**acc, **parity})
@@ -91,7 +103,7 @@ def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) ->
             with timed(times, "sync"):
                 sync_seconds = sync(pool, trainers, recipe.sync, step + 1)
                 if (step + 1) % recipe.sync.parity_every == 0:
-                    parity = check_parity(pool, trainers[0], probe, recipe.sync.parity_threshold)
+                    parity = prober.check(pool, trainers[0])
             n = step + 1
             metrics = {**reward_metrics, **meta, **train_metrics, **parity, **times, "sync/seconds": sync_seconds,
                        "response/length_mean": sum(len(s.response_ids) for s in samples) / len(samples),
@@ -110,11 +122,6 @@ def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) ->
             run.log_metrics(n, metrics)
             if progress is not None:
                 progress(n, t.max_steps, metrics)
-    pool.shutdown()
-    for c in critics:
-        c.close()
-    if own_ray:
-        ray.shutdown()
     return final
 
 
@@ -143,7 +150,9 @@ def fitting_prompts(tok, examples: list[Example], max_len: int, bad, offset: int
     return kept, ids
 
 
-def start_pools(recipe: BaseModel, serve_from: str, base_model: str, resume_from: str | None):
+def start_pools(recipe: BaseModel, serve_from: str, base_model: str, resume_from: str | None,
+                running: contextlib.ExitStack):
+    """The rollout pool and the trainer actors, each stopped by `running` when the run ends."""
     import ray
 
     from dspost.rollout.pool import RolloutPool, WorkerSpec
@@ -157,6 +166,7 @@ def start_pools(recipe: BaseModel, serve_from: str, base_model: str, resume_from
                      "weight_transfer": "nccl" if recipe.sync.transport == "nccl" else None}
     pool = RolloutPool(r.num_workers, serve_from,
                        WorkerSpec(r.num_cpus_per_worker, r.num_gpus_per_worker, r.num_threads, r.resources), engine_kwargs)
+    running.callback(pool.shutdown)
     cfg = {"trainer": recipe.trainer.model_dump(), "algorithm": recipe.algorithm.model_dump(),
            "model": recipe.model.model_dump(), "quantize": recipe.sync.quantize, "temperature": r.temperature}
     env = {"OMP_NUM_THREADS": str(t.num_threads)} if t.num_threads else {}
@@ -164,6 +174,7 @@ def start_pools(recipe: BaseModel, serve_from: str, base_model: str, resume_from
                                               resources=t.resources or None, runtime_env={"env_vars": env})
     url = group_url() if t.num_workers > 1 else None
     trainers = [actor.remote(base_model, cfg, rank, t.num_workers, url, resume_from) for rank in range(t.num_workers)]
+    running.callback(lambda: [ray.kill(w) for w in trainers])
     ray.get([w.ready.remote() for w in trainers])
     if recipe.sync.transport == "nccl":
         ray.get(trainers[0].connect_weight_transfer.remote(pool.workers, int(recipe.sync.bucket_mb * 2**20)))
@@ -260,14 +271,26 @@ def sync(pool, trainers: list, cfg: BaseModel, version: int) -> float:
     return time.perf_counter() - t
 
 
-def check_parity(pool, trainer, probe: list[list[int]], threshold: float) -> dict[str, float]:
-    """Engine vs trainer logprobs on a fixed batch: a sync that did not move the weights shows up here. A
-    non-finite difference fails too (NaN compares false with any threshold)."""
-    return parity(pool.sequence_logprobs(probe), actor_get(trainer.sequence_logprobs.remote(probe)), threshold)
+class ParityProbe:
+    """Engine vs trainer logprobs on a fixed batch after every sync: a sync that did not move the engine's weights
+    shows up here. Beside the parity it reports how far the trainer's policy moved on the probe since the last
+    check (`sync/policy_change_max`): a parity far below that change is a parity that saw the new weights."""
+
+    def __init__(self, probe: list[list[int]], threshold: float):
+        self.probe, self.threshold, self.last = probe, threshold, None
+
+    def check(self, pool, trainer) -> dict[str, float]:
+        ours = actor_get(trainer.sequence_logprobs.remote(self.probe))
+        metrics = parity(pool.sequence_logprobs(self.probe), ours, self.threshold)
+        if self.last is not None:
+            metrics["sync/policy_change_max"] = max(abs(a - b) for x, y in zip(ours, self.last) for a, b in zip(x, y))
+        self.last = ours
+        return metrics
 
 
 def parity(engine: list[list[float]], trainer: list[list[float]], threshold: float) -> dict[str, float]:
-    """Mean and max |engine - trainer| logprob over the probe's tokens; raises `ParityError` beyond `threshold`."""
+    """Mean and max |engine - trainer| logprob over the probe's tokens; raises `ParityError` beyond `threshold`
+    and on a non-finite difference (NaN compares false with any threshold)."""
     diffs = torch.cat([(torch.tensor(e) - torch.tensor(o)).abs() for e, o in zip(engine, trainer, strict=True)])
     mean, mx = float(diffs.mean()), float(diffs.max())
     if not mx <= threshold:

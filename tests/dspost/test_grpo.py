@@ -13,10 +13,12 @@ pytestmark = pytest.mark.vllm
 
 SMALL = ["data.num_train=64", "data.num_eval=8", "data.difficulty=[1]", "rollout.prompts_per_step=4", "rollout.n=4",
          "rollout.max_tokens=16", "rollout.kv_cache_gb=1", "trainer.eval_every=2", "trainer.save_every=1",
-         "trainer.lr=1e-4", "rollout.resources={rollout_node: 1}", "trainer.resources={trainer_node: 1}",
-         # A length critic as a (tiny) second reward, watched by the meta-critic, which gates it out as biased.
-         "rewards.terms=[{name: math}, {name: 'critic:length', weight: 0.001}]",
-         "rewards.meta_critic={policy: gate, every: 2}"]
+         "trainer.lr=1e-3", "rollout.resources={rollout_node: 1}", "trainer.resources={trainer_node: 1}",
+         # The random init solves nothing, so math rewards are all 0; a length critic as a second term gives every
+         # group non-zero advantages (the weights must move for the checks below to mean anything). The
+         # meta-critic watches it and, finding it biased, halves its weight.
+         "rewards.terms=[{name: math}, {name: 'critic:length', weight: 0.01}]",
+         "rewards.meta_critic={policy: gate, gate_weight: 0.5, every: 2}"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,23 @@ def policy():
     return tiny_math_init()
 
 
-def test_grpo_two_nodes_then_resume(cluster, policy, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, policy, tmp_path_factory):
+    """Three GRPO steps in one run: what a run cut after two steps and resumed must repeat."""
+    out = tmp_path_factory.mktemp("grpo") / "full"
+    assert main(["run", "recipes/grpo_math.yaml", f"model.path={policy}", f"output_dir={out}", *SMALL,
+                 "--max-steps", "3"]) == 0
+    return out
+
+
+def weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_grpo_moves_the_weights_the_engine_serves_them_and_resume_repeats_the_run(cluster, policy, uninterrupted,
+                                                                                   tmp_path):
     out = tmp_path / "run"
     args = ["run", "recipes/grpo_math.yaml", f"model.path={policy}", f"output_dir={out}", *SMALL]
     assert main([*args, "--max-steps", "2"]) == 0
@@ -58,9 +76,8 @@ def test_grpo_two_nodes_then_resume(cluster, policy, tmp_path):
         for key in ("reward/mean", "sync/seconds", "sync/parity_mean_abs", "time/step", "train/grad_norm",
                     "reward/math/timeout", "response/length_mean", "moe/load_max_min_ratio"):
             assert key in r, key
-        assert r["sync/parity_max_abs"] < 1e-3
         assert "reward/critic_length/mean" in r
-    assert rows[1]["meta/flagged"] == 1.0 and rows[1]["meta/weight_scale"] == 0.0  # checked at step 0
+    assert rows[1]["meta/flagged"] == 1.0 and rows[1]["meta/weight_scale"] == 0.5  # checked at step 0
     assert "meta/flagged" not in rows[2]  # every 2 steps
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_2"
     log = (out / "run.log").read_text()
@@ -68,9 +85,35 @@ def test_grpo_two_nodes_then_resume(cluster, policy, tmp_path):
     assert rollout_node != trainer_node  # placed on different nodes
 
     assert main([*args, "--max-steps", "3", "resume=true"]) == 0
-    assert [r["step"] for r in read_metrics(out)] == [0, 1, 2, 3]  # no step lost or repeated
+    rows, full = read_metrics(out), read_metrics(uninterrupted)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]  # no step lost or repeated
     cfg = json.loads((out / "checkpoints" / "step_3" / "config.json").read_text())
     assert cfg["architectures"] == ["DeepseekV3ForCausalLM"]
+
+    # The updates moved the policy, and after every sync the engine served the moved weights: the probe's
+    # logprobs changed by far more than engine and trainer differ.
+    start, end = weights(policy), weights(out / "checkpoints" / "step_3")
+    assert max(float((end[k] - start[k]).abs().max()) for k in start) > 1e-4  # lr 1e-3 warming up: ~6e-4
+    for r in rows[1:]:
+        assert r["sync/policy_change_max"] > 1e-2 > 10 * r["sync/parity_max_abs"], r
+
+    # The resumed run repeats the uninterrupted one: same samples, rewards, updates and final weights.
+    for key in ("reward/mean", "reward/std", "response/length_mean", "train/loss", "train/grad_norm",
+                "sync/parity_max_abs", "sync/policy_change_max", "eval/accuracy"):
+        assert [r.get(key) for r in rows] == pytest.approx([r.get(key) for r in full], abs=1e-6), key
+    same = weights(uninterrupted / "checkpoints" / "step_3")
+    assert max(float((end[k] - same[k]).abs().max()) for k in end) < 1e-6
+
+
+def test_a_sync_that_does_not_reach_the_engine_stops_the_run(cluster, policy, tmp_path, monkeypatch, capsys):
+    import dspost.grpo
+
+    monkeypatch.setattr(dspost.grpo, "sync", lambda *args, **kwargs: 0.0)  # the engine keeps the old weights
+    out = tmp_path / "run"
+    assert main(["run", "recipes/grpo_math.yaml", f"model.path={policy}", f"output_dir={out}", *SMALL,
+                 "--max-steps", "1"]) == 1
+    assert "engine and trainer logprobs differ" in capsys.readouterr().err
+    assert not (out / "checkpoints" / "latest").exists()  # nothing saved past the failed probe
 
 
 def test_killed_rollout_worker_is_restarted_and_its_batch_rerun(cluster, policy):
