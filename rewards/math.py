@@ -102,7 +102,7 @@ def gold_answer(gold: str) -> str:
 # is the first one after the last "answer is"/"answer:" phrase, else the last one of the text, and never an
 # earlier one when that fails to parse: falling back to earlier numbers is how a wrong final answer gets
 # graded by a correct intermediate one.
-_SPAN = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|(?<![\\\d$])\$(?!\s)([^\n$]+?)(?<![\s\\])\$", re.S)
+_SPAN = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|(?<![\\\d$])\$(?!\s)((?:\\\$|[^\n$])+?)(?<![\s\\])\$", re.S)
 _LEX = re.compile(r"""
     (?P<matrix>\\begin\{(?P<env>[pbvV]?matrix)\}.*?\\end\{(?P=env)\})
   | (?P<text>\\(?:text|textbf|textit|textrm|mbox|mathrm|mathbf|operatorname)\s*\{[^{}]*\})
@@ -206,24 +206,36 @@ def _trim(s: str) -> str:
     return s if re.search(r"[\w\\]", s) else ""
 
 
-def _final_side(part: str) -> str:
-    """`3 + 4 = 7`, `f(2) = 7` and `x = 3 + 4 = 7` answer 7; `x = 7` and `y = 2x + 1` stay equations."""
+def _final_side(part: str, gold_is_equation: bool) -> str:
+    """The value an equation arrives at: `3 + 4 = 7`, `x = 3 + 4 = 7`, `\\angle ABC = 40^\\circ`, `f(2) = 7` answer
+    their last side when it is a constant, `y = 2x + 1` stays an equation; for a gold that is an equation only
+    arithmetic (`3 + 4 = 7`) and chains are cut."""
     sides = _split_top(part, "=")
-    if len(sides) == 2 and (re.fullmatch(r"[A-Za-z]\s*\([^()]*\)", sides[0])  # f(x) = 3
-                            or not re.search(r"[A-Za-z]", re.sub(r"\\[a-zA-Z]+", "", sides[0]))):  # 3 + 4 = 7
-        return sides[1]
-    return sides[-1] if len(sides) > 2 else part
+    if len(sides) < 2:
+        return part
+    if len(sides) > 2 or not _letters(sides[0]):
+        return sides[-1]
+    if not gold_is_equation and (not _letters(sides[-1]) or re.fullmatch(r"[A-Za-z](?:_\{?\w+\}?)?\s*(?:\([^()]*\))?",
+                                                                         sides[0])):
+        return sides[-1]
+    return part
 
 
-def extract_lenient(text: str) -> str | None:
+def _letters(s: str) -> bool:
+    """Whether s names a variable (LaTeX commands such as \\sqrt, \\pi, \\circ do not count)."""
+    return bool(re.search(r"[A-Za-z]", re.sub(r"\\[a-zA-Z]+", "", s)))
+
+
+def extract_lenient(text: str, gold_is_equation: bool = False) -> str | None:
     """The final answer of a free-form response (see the section comment): boxed and `####` answers as in strict
-    mode, else the first math after the last "answer is"/"answer:", else the last math of the text."""
+    mode, else the first math after the last "answer is"/"answer:", else the last math of the text. An equation
+    is read as the value it arrives at (`_final_side`)."""
     strict = extract_answer(text) if "\\boxed" in text or "\\fbox" in text or "####" in text else None
     if strict:  # an empty \boxed{} states nothing: read on
         return strict
     text = _THINK.sub("", text).split("<think>")[0]
     text = _UNICODE_RE.sub(lambda m: _UNICODE[m[0]], text)
-    text = _BOLD.sub(r" \1 ", re.sub(r"(?<=\d)\{,\}(?=\d)", ",", text))
+    text = _BOLD.sub(r" \1 ", re.sub(r"(?<=\d)(?:\{,\}|,\\!\s*)(?=\d)", ",", text))  # 1{,}000, 1,\!000
     text = re.sub(r"(?<=\d)\s*(?:percent|per cent)\b", "%", text, flags=re.I)
     text = re.sub(r"(?<![\d.,])\d{1,3}(?: \d{3})+(?![\d,-]|\.\d)", lambda m: m[0].replace(" ", ""), text)  # 1 000 000
     chosen = None
@@ -236,7 +248,9 @@ def extract_lenient(text: str) -> str | None:
     if chosen is None:
         answers = [a for a in _answers(_items(text)) if not re.fullmatch(r"\s*[A-Za-z]\s*", " ".join(a))]
         chosen = answers[-1] if answers else None
-    return None if chosen is None else ", ".join(_final_side(p) for p in chosen)
+    if chosen is None:
+        return None
+    return ", ".join(_final_side(part, gold_is_equation) for part in chosen)
 
 
 # ---------------------------------------------------------------------------------------- normalisation
@@ -487,13 +501,15 @@ def verify_math(response: str, gold: str, *, extraction: str = "strict", allow_l
     if extraction == "lenient" and allow_last_number:
         raise ValueError("verify_math: allow_last_number applies to extraction='strict'; lenient reads the last "
                          "expression already")
+    gold_s = gold_answer(gold)
     if not extract:
         pred = response
+    elif extraction == "lenient":
+        pred = extract_lenient(response, gold_is_equation="=" in gold_s)
     else:
-        pred = extract_lenient(response) if extraction == "lenient" else extract_answer(response, allow_last_number)
+        pred = extract_answer(response, allow_last_number)
     if pred is None:
         return Verdict(0.0, "unparsable", None, "no final answer found")
-    gold_s = gold_answer(gold)
     if normalise(pred) == normalise(gold_s):
         return Verdict(1.0, "correct", pred)
     try:

