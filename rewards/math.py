@@ -419,7 +419,7 @@ def _numerically_different(a, b, diff) -> bool:
 
     try:
         d, na, nb = (abs(sympy.N(x, 30)) for x in (diff, a, b))
-        return bool(d.is_Number and na.is_Number and nb.is_Number and d > max(na, nb) * sympy.Float("1e-20"))
+        return bool(d.is_Number and na.is_Number and nb.is_Number and d > max(na, nb) * sympy.Rational(1, 10 ** 20))
     except (TypeError, ValueError, AttributeError):
         return False
 

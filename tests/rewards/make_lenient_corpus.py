@@ -9,8 +9,8 @@ statement that gives either
   terminating decimals, ... Rewrites of numbers are computed with exact Fractions; other answers keep the gold's
   own LaTeX, only re-wrapped or with `\\dfrac`/`\\left` spelling changes; or
 - a different answer (label `wrong`): n+1, n-1, -n, 2n, 10n, swapped digits, (p+1)/q, q/p, one digit of the
-  gold's LaTeX changed, another multiple-choice letter. Each changes the value; decimal perturbations change it by
-  more than 0.1%, outside the verifier's documented rel_tol of 1e-4 for decimal answers.
+  gold's LaTeX changed, another multiple-choice letter. Each changes the value; perturbations of non-integers
+  change it by more than 0.1%, outside the verifier's documented rel_tol of 1e-4 for answers written as decimals.
 No verifier is run to make a label. Golds that are words (`\\text{Evelyn}`) are left out: they are not math answers.
 
 Splits: `dev` (the verifier was tuned on it): MATH-500 rows with an even index, phrasings DEV, seed 0.
@@ -138,7 +138,7 @@ def wrong_number(v: Fraction, rng: random.Random, decimal_gold: bool) -> tuple[F
         ways = {"numerator_plus1": Fraction(p + 1, q), "plus1": v + 1, "negated": -v}
         if p:
             ways["inverted"] = 1 / v
-    if decimal_gold:
+    if decimal_gold or v.denominator != 1:  # may be written as a decimal: stay outside the verifier's rel_tol
         ways = {k: w for k, w in ways.items() if abs(w - v) > Fraction(1, 1000) * max(abs(v), 1)}
     how = rng.choice(sorted(ways))
     w = Fraction(ways[how])
@@ -179,20 +179,22 @@ def scalar(text: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ preambles
+_SENTENCE_START = re.compile(r"(?:\.\s+|\n)(?=[A-Z$\\])")
+
+
 def math_preamble(solution: str) -> str:
-    """The solution up to the sentence that states its (boxed) answer; its last ~3 sentences, at most 300 chars."""
+    """The reference solution before the sentence that states its boxed answer: the last whole sentences of it
+    that fit in 300 characters ('' when none fit, or when the cut falls inside a `$..$` span)."""
     s = re.sub(r"\[asy\].*?\[/asy\]", "", solution, flags=re.S)
     cut = s.find("\\boxed")
     if cut < 0:
         return ""
-    s = s[:cut]
-    starts = [m.end() for m in re.finditer(r"(?:\.\s+|\n)(?=[A-Z$\\])", s)]
-    s = s[:starts[-1]] if starts else ""
-    s = s.strip()
-    starts = [m.end() for m in re.finditer(r"(?:\.\s+|\n)(?=[A-Z$\\])", s)]
-    keep = next((st for st in starts if len(s) - st <= 300), len(s)) if len(s) > 300 else 0
-    s = s[keep:].strip()
-    if s.replace("$$", "").count("$") % 2:  # cut inside a math span
+    starts = [m.end() for m in _SENTENCE_START.finditer(s[:cut])]
+    s = s[:starts[-1]].strip() if starts else ""
+    if len(s) > 300:
+        starts = [m.end() for m in _SENTENCE_START.finditer(s)]
+        s = s[next((st for st in starts if len(s) - st <= 300), len(s)):].strip()
+    if s.replace("$$", "").count("$") % 2:
         return ""
     return s + "\n\n" if s else ""
 
