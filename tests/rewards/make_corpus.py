@@ -124,6 +124,26 @@ for a, b in [(3, 4), (12, 30), (99, 1), (250, 250), (7, 8), (64, 36), (15, 27), 
     CASES.append(("bulk", B(str(a + b + 1)), str(a + b), W))
     CASES.append(("bulk", f"{a} + {b} = {a + b}\n#### {a + b}", f"#### {a + b}", C))
 
+# Parser fixes (a whitelist parser replaced sympy's parse_expr, which ran eval on model output); each of these
+# had another verdict before.
+CASES += [
+    ("parser", B("\\frac{9}{5}"), "1\\frac{4}{5}", C), ("parser", B("\\frac{4}{5}"), "1\\frac{4}{5}", W),  # mixed
+    ("parser", B("137.5"), "137 \\frac{1}{2}", C),
+    ("parser", B("42"), "52_8", C), ("parser", B("52"), "52_8", W), ("parser", B("555"), "4210_{5}", C),  # bases
+    ("parser", B("\\begin{pmatrix}-\\frac13\\\\ \\frac23\\end{pmatrix}"),
+     "\\begin{pmatrix} -1/3 \\\\ 2/3 \\end{pmatrix}", C),
+    ("parser", B("1+\\sqrt5, 1-\\sqrt5, -2"), "\\{1\\pm\\sqrt{5},-2\\}", C),
+    ("parser", B("1+\\sqrt5, -2"), "\\{1\\pm\\sqrt{5},-2\\}", W),
+    ("parser", B("−7"), "-7", C), ("parser", B("1{,}000"), "1000", C), ("parser", B("10,\\! 080"), "10080", C),
+    ("parser", B("1 000"), "0", U), ("parser", B("2 3"), "6", U),  # digits side by side are not a product
+    ("parser", B("y\\sqrt{x}"), "\\sqrt{x}y", C), ("parser", B("\\frac{x\\sqrt{3}}{2}"), "\\frac{\\sqrt3}{2}x", C),
+    ("parser", B("\\log_2 8"), "3", C), ("parser", B("\\log_{2}8"), "4", W),
+    ("parser", B("\\arcsin 1"), "\\frac{\\pi}{2}", C),
+    ("parser", B("\\sin x \\cos x"), "\\frac{\\sin 2x}{2}", C), ("parser", B("\\alpha+\\beta"), "\\beta + \\alpha", C),
+    ("parser", B("\\binom{5}{2}"), "10", C), ("parser", B("\\dbinom{5}{2}"), "11", W), ("parser", B("NS"), "SN", C),
+    ("parser", B("x_{n+1}"), "x_{n+1}+0", C), ("parser", B("\\{x=2 \\pm 1\\}"), "1, 3", C),
+]
+
 if __name__ == "__main__":
     out = Path(__file__).with_name("math_corpus.jsonl")
     out.write_text("".join(json.dumps({"rule": r, "response": resp, "gold": g, "expected": e}) + "\n"
