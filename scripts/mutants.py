@@ -265,6 +265,8 @@ class Outcome:
 
 
 def run_pytest(python: Path, repo_copy: Path, tests: list[str], timeout: float, tmp: Path) -> Outcome:
+    """`tests` in the copy, stopping at the first failure; classified from pytest's exit code and junit report
+    (a fresh DSPOST_CACHE per run: a cache built by a mutant must not serve the next one)."""
     report = tmp / "junit.xml"
     report.unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("DSPOST_CACHE", "PYTHONPATH", "VIRTUAL_ENV")}
@@ -292,8 +294,8 @@ def run_pytest(python: Path, repo_copy: Path, tests: list[str], timeout: float, 
         if counts and counts.get("skipped", 0) == counts.get("tests", 0):
             return Outcome("skipped", seconds, tail)
         return Outcome("missed", seconds, tail)
-    if proc.returncode == 2:
-        return Outcome("collection error", seconds, tail)
+    if proc.returncode == 2 or "found no collectors" in out or "ERROR collecting" in out:
+        return Outcome("collection error", seconds, tail)  # e.g. the mutant broke an import
     if proc.returncode == 5:
         return Outcome("no tests", seconds, tail)
     return Outcome("error", seconds, f"pytest exit {proc.returncode}: {tail}")
@@ -308,14 +310,18 @@ def junit_counts(report: Path) -> dict[str, int]:
 
 
 def check_test_ids(python: Path, repo_copy: Path, tests: list[str]) -> list[str]:
-    """The ids pytest cannot find in the copy (collection only)."""
-    out = subprocess.run([str(python), "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *tests],
+    """The ids pytest cannot find in the copy (collection only): missing files, then missing tests."""
+    missing = [f"{t} (no file {t.split('::')[0]})" for t in tests if not (repo_copy / t.split("::")[0]).is_file()]
+    present = [t for t in tests if (repo_copy / t.split("::")[0]).is_file()]
+    if not present:
+        return missing
+    out = subprocess.run([str(python), "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *present],
                          cwd=repo_copy, capture_output=True, text=True)
     if out.returncode == 0:
-        return []
-    missing = [t for t in tests if not (repo_copy / t.split("::")[0]).is_file()]
-    missing += [line for line in (out.stdout + out.stderr).splitlines() if "not found" in line]
-    return missing or [f"collection failed (exit {out.returncode}): {(out.stdout + out.stderr).strip()[-2000:]}"]
+        return missing
+    text = out.stdout + out.stderr
+    found = [line.replace(str(repo_copy) + "/", "") for line in text.splitlines() if "not found" in line]
+    return missing + (found or [f"collection failed (exit {out.returncode}): {text.strip()[-2000:]}"])
 
 
 # ---------------------------------------------------------------------------------------------------- main
