@@ -73,7 +73,7 @@ def trl(checkpoint: str, steps: int, warmup: int, pack: bool, compile: bool) -> 
     from trl import SFTConfig, SFTTrainer
 
     from dspost.data.synthetic_math import messages, splits
-    from dspost.sft import batch_indices
+    from dspost.data.packing import batch_indices
 
     torch.manual_seed(0)
     train, _ = splits(4000, 200, 0, [1, 2, 3, 4])  # ours: the recipe's defaults (num_train 4000, seed 0)

@@ -4,6 +4,10 @@ Tensors are [B, T] over response tokens (B sequences, T padded response length) 
 tokens. Every loss multiplies the per-token term by a truncated importance weight
 w = min(pi_old / pi_rollout, cap) (detached), correcting for the rollout engine's logprobs differing from
 the trainer's; with one optimizer step per batch pi_old is the trainer's own logprob before the update.
+
+A minibatch may be split into micro-batches (gradient accumulation) and over trainer workers; every mean is
+therefore taken over the WHOLE minibatch: `LossInputs.tokens` / `sequences` carry its token and sequence counts
+(default: this micro-batch's own), so the micro-batch losses add up to the minibatch's loss exactly.
 """
 
 from __future__ import annotations
@@ -25,6 +29,18 @@ class LossInputs:
     mask: Tensor
     ref_logprobs: Tensor | None = None
     entropy: Tensor | None = None  # per-token entropy of the current policy, with grad (entropy bonus)
+    tokens: float | None = None  # response tokens of the whole minibatch (token means); None: mask.sum()
+    sequences: float | None = None  # sequences of the whole minibatch (sequence means); None: B
+    max_len: int | None = None  # Dr. GRPO's constant: the longest response allowed (rollout.max_tokens); None: T
+
+    def token_mean(self, v: Tensor) -> Tensor:
+        """Sum of `v` over the real tokens, divided by the minibatch's token count."""
+        n = self.tokens if self.tokens is not None else self.mask.sum().clamp(min=1)
+        return (v * self.mask).sum() / n
+
+    def sequence_mean(self, per_sequence: Tensor) -> Tensor:
+        """Sum of a per-sequence value [B], divided by the minibatch's sequence count."""
+        return per_sequence.sum() / (self.sequences if self.sequences is not None else per_sequence.shape[0])
 
 
 # ---------------------------------------------------------------------------------------- advantages
@@ -43,6 +59,25 @@ def group_centred(rewards: Tensor, group: int) -> Tensor:
 ADVANTAGES: dict[str, Callable[[Tensor, int], Tensor]] = {
     "grpo": group_normalised, "dr_grpo": group_centred, "dapo": group_normalised, "gspo": group_normalised,
 }
+
+
+def dapo_shaping(rewards: Tensor, lengths: Tensor, group: int, max_tokens: int, cfg) -> tuple[Tensor, Tensor]:
+    """DAPO: the soft overlong penalty added to the rewards, and dynamic sampling (the groups kept, [B] bool)."""
+    rewards = rewards + overlong_penalty(lengths, max_tokens, cfg.overlong_buffer)
+    return rewards, informative_groups(rewards, group)
+
+
+SHAPING: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"dapo": dapo_shaping}
+"""Reward shaping and sample selection before the advantages, for the algorithms that have them."""
+
+
+def group_advantages(cfg, rewards: Tensor, lengths: Tensor, group: int, max_tokens: int) -> tuple[Tensor, Tensor]:
+    """Advantages [B] of the algorithm `cfg.loss` and the samples it keeps [B] (responses `lengths` [B] tokens
+    long, at most `max_tokens`)."""
+    keep = torch.ones(len(rewards), dtype=torch.bool)
+    if cfg.loss in SHAPING:
+        rewards, keep = SHAPING[cfg.loss](rewards, lengths, group, max_tokens, cfg)
+    return ADVANTAGES[cfg.loss](rewards, group), keep
 
 
 def overlong_penalty(lengths: Tensor, max_tokens: int, cache: int) -> Tensor:
@@ -93,16 +128,17 @@ def grpo_loss(x: LossInputs, cfg) -> tuple[Tensor, dict[str, float]]:
     ratio = (x.logprobs - x.old_logprobs).exp()
     per_token, clipped = _clipped(ratio, x.advantages[:, None], cfg.eps_low, cfg.eps_high)
     per_token = per_token * _tis(x, cfg.tis_cap)
-    loss = _masked_mean(per_token, x.mask, dim=1).mean()
+    loss = x.sequence_mean(_masked_mean(per_token, x.mask, dim=1))
     return loss, {"clip_frac": float(_masked_mean(clipped, x.mask))}
 
 
 def dr_grpo_loss(x: LossInputs, cfg) -> tuple[Tensor, dict[str, float]]:
-    """Dr. GRPO: no length normalisation; token sums divided by a constant (the longest response)."""
+    """Dr. GRPO: no length normalisation; token sums divided by a constant, sequences x the longest response
+    allowed (`max_len`, the recipe's `rollout.max_tokens`), as the paper and TRL do."""
     ratio = (x.logprobs - x.old_logprobs).exp()
     per_token, clipped = _clipped(ratio, x.advantages[:, None], cfg.eps_low, cfg.eps_high)
     per_token = per_token * _tis(x, cfg.tis_cap)
-    loss = (per_token * x.mask).sum() / (x.mask.shape[0] * x.mask.shape[1])
+    loss = x.sequence_mean((per_token * x.mask).sum(1)) / (x.max_len if x.max_len is not None else x.mask.shape[1])
     return loss, {"clip_frac": float(_masked_mean(clipped, x.mask))}
 
 
@@ -111,7 +147,7 @@ def dapo_loss(x: LossInputs, cfg) -> tuple[Tensor, dict[str, float]]:
     ratio = (x.logprobs - x.old_logprobs).exp()
     per_token, clipped = _clipped(ratio, x.advantages[:, None], cfg.eps_low, cfg.eps_high)
     per_token = per_token * _tis(x, cfg.tis_cap)
-    return _masked_mean(per_token, x.mask), {"clip_frac": float(_masked_mean(clipped, x.mask))}
+    return x.token_mean(per_token), {"clip_frac": float(_masked_mean(clipped, x.mask))}
 
 
 def gspo_loss(x: LossInputs, cfg) -> tuple[Tensor, dict[str, float]]:
@@ -124,7 +160,7 @@ def gspo_loss(x: LossInputs, cfg) -> tuple[Tensor, dict[str, float]]:
     token_s = s.detach()[:, None] * (x.logprobs - x.logprobs.detach()).exp()
     seq_s = _masked_mean(token_s, x.mask, dim=1)
     per_seq, clipped = _clipped(seq_s, x.advantages, cfg.seq_eps_low, cfg.seq_eps_high)
-    return per_seq.mean(), {"clip_frac": float(clipped.mean())}
+    return x.sequence_mean(per_seq), {"clip_frac": float(clipped.mean())}
 
 
 LOSSES: dict[str, Callable[[LossInputs, object], tuple[Tensor, dict[str, float]]]] = {
@@ -139,9 +175,9 @@ def policy_loss(x: LossInputs, cfg) -> tuple[Tensor, dict[str, float]]:
     if cfg.entropy_coef > 0:
         if x.entropy is None or not x.entropy.requires_grad:
             raise ValueError("algorithm.entropy_coef > 0 needs the policy's entropy with its gradient")
-        loss = loss - cfg.entropy_coef * _masked_mean(x.entropy, x.mask)
+        loss = loss - cfg.entropy_coef * x.token_mean(x.entropy)
     if cfg.kl_beta > 0 and x.ref_logprobs is not None:
-        kl = _masked_mean(KL_ESTIMATORS[cfg.kl_estimator](x.logprobs, x.ref_logprobs), x.mask)
+        kl = x.token_mean(KL_ESTIMATORS[cfg.kl_estimator](x.logprobs, x.ref_logprobs))
         loss = loss + cfg.kl_beta * kl
         metrics["kl"] = float(kl.detach())
     return loss, metrics

@@ -179,19 +179,14 @@ class TrainerSection(Section):
     lora: LoraSection | None = None
     """Train LoRA adapters (PEFT format) instead of all parameters."""
 
-    @model_validator(mode="after")
-    def _batch_divides(self) -> "TrainerSection":
+    def check_batch_divides(self) -> None:
+        """SFT and reward-model stages split `batch_size` over workers and accumulation steps."""
         if self.batch_size % (self.grad_accum * self.num_workers):
-            raise ValueError(
-                f"batch_size {self.batch_size} is not divisible by grad_accum x num_workers "
-                f"({self.grad_accum} x {self.num_workers})"
-            )
-        return self
+            raise ValueError(f"trainer.batch_size: {self.batch_size} is not divisible by grad_accum x num_workers "
+                             f"({self.grad_accum} x {self.num_workers})")
 
 
 class RolloutSection(Section):
-    engine: Literal["vllm"] = "vllm"
-    """Generation engine."""
     num_workers: int = Field(1, ge=1)
     """Rollout actors, one engine each."""
     num_cpus_per_worker: float = Field(1, gt=0)
@@ -262,8 +257,6 @@ class AlgorithmSection(Section):
     attention) instead of padding each to the batch's longest; a longer sequence gets a row of its own."""
     overlong_buffer: int = Field(16, ge=0)
     """DAPO: the last this-many tokens before `rollout.max_tokens` are penalised linearly down to -1."""
-    routing_replay: bool = True
-    """Replay the rollout engine's expert routes in the update when the engine returns them."""
 
 
 class EvalSection(Section):
@@ -393,6 +386,11 @@ class SFTRecipe(StageBase):
     trainer: TrainerSection = Field(default_factory=TrainerSection)
     """Optimisation."""
 
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "SFTRecipe":
+        self.trainer.check_batch_divides()
+        return self
+
 
 class GRPORecipe(StageBase):
     kind: Literal["grpo"]
@@ -425,6 +423,15 @@ class GRPORecipe(StageBase):
             raise ValueError(f"algorithm.overlong_buffer: {self.algorithm.overlong_buffer} is not below "
                              f"rollout.max_tokens={self.rollout.max_tokens}, so DAPO would penalise every response "
                              "from its first token")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_is_the_rollout(self) -> "GRPORecipe":
+        if self.trainer.lora is not None:
+            raise ValueError("trainer.lora: LoRA RL is not implemented yet; train LoRA adapters with kind: sft")
+        if "batch_size" in self.trainer.model_fields_set:
+            raise ValueError("trainer.batch_size: an RL step trains on its rollout, rollout.prompts_per_step x "
+                             "rollout.n sequences; set those instead")
         return self
 
     @model_validator(mode="after")
@@ -467,6 +474,11 @@ class RMRecipe(StageBase):
     trainer: TrainerSection = Field(default_factory=lambda: TrainerSection(lr=2e-4, max_steps=100, eval_every=25,
                                                                            save_every=100))
     """Optimisation (`batch_size` counts pairs)."""
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "RMRecipe":
+        self.trainer.check_batch_divides()
+        return self
 
 
 class EvalRMRecipe(StageBase):

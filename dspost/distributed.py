@@ -76,6 +76,18 @@ def all_reduce_router_load(model, world: int) -> None:
         g.load_E.copy_(load)
 
 
+def all_reduce_sum(values: list[float], world: int) -> list[float]:
+    """Element-wise sum of `values` over the group (the values themselves with one worker)."""
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def all_reduce_mean(values: dict[str, float], world: int) -> dict[str, float]:
     if world == 1:
         return values

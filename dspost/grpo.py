@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
-from dspost.algorithms import ADVANTAGES, informative_groups, overlong_penalty
+from dspost.algorithms import group_advantages
 from dspost.critic_rewards import critic_terms, is_critic
 from dspost.data.loading import Example, load_examples
+from dspost.data.packing import batch_indices
 from dspost.distributed import group_url, start_ray
 from dspost.rewards import STATUSES, ScoringPool, resolve
 from dspost.rollout.engine import Sample, SamplingConfig
 from dspost.rundir import RunDir
-from dspost.sft import batch_indices
 from dspost.trainer_worker import RolloutBatch, TrainerWorker
 
 
@@ -77,8 +77,6 @@ def _run_grpo(recipe, run, model_path, progress, running, train, held_out, bad) 
         running.callback(c.close)
     sampling = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, stop=r.stop)
     decodings = eval_decodings(recipe.eval, r)
-    run.log.info("routing replay: %s", "on" if a.routing_replay and pool.returns_routes() else
-                 "off (the engine cannot return routed experts on this backend)")
     run.resumed(resume_from, start)
     final = resume_from
     with ScoringPool(recipe.rewards.num_workers) as scorer:
@@ -97,7 +95,8 @@ def _run_grpo(recipe, run, model_path, progress, running, train, held_out, bad) 
                 rewards, reward_metrics = score(scorer, samples, [train[idx[s.prompt_index]] for s in samples],
                                                 terms, recipe.rewards, critics, step + 1)
             with timed(times, "advantages"):
-                adv, keep = advantages(a, rewards, samples, r)
+                lengths = torch.tensor([float(len(s.response_ids)) for s in samples])
+                adv, keep = group_advantages(a, rewards, lengths, r.n, r.max_tokens)
             with timed(times, "update"):
                 train_metrics = update(trainers, samples, adv, keep, step + 1)
             with timed(times, "sync"):
@@ -167,13 +166,11 @@ def start_pools(recipe: BaseModel, serve_from: str, base_model: str, resume_from
     pool = RolloutPool(r.num_workers, serve_from,
                        WorkerSpec(r.num_cpus_per_worker, r.num_gpus_per_worker, r.num_threads, r.resources), engine_kwargs)
     running.callback(pool.shutdown)
-    cfg = {"trainer": recipe.trainer.model_dump(), "algorithm": recipe.algorithm.model_dump(),
-           "model": recipe.model.model_dump(), "quantize": recipe.sync.quantize, "temperature": r.temperature}
     env = {"OMP_NUM_THREADS": str(t.num_threads)} if t.num_threads else {}
     actor = ray.remote(TrainerWorker).options(num_cpus=t.num_cpus_per_worker, num_gpus=t.num_gpus_per_worker,
                                               resources=t.resources or None, runtime_env={"env_vars": env})
     url = group_url() if t.num_workers > 1 else None
-    trainers = [actor.remote(base_model, cfg, rank, t.num_workers, url, resume_from) for rank in range(t.num_workers)]
+    trainers = [actor.remote(recipe, base_model, rank, t.num_workers, url, resume_from) for rank in range(t.num_workers)]
     running.callback(lambda: [ray.kill(w) for w in trainers])
     ray.get([w.ready.remote() for w in trainers])
     if recipe.sync.transport == "nccl":
@@ -241,15 +238,6 @@ def check_errors(step: int, term: str, errors: int, total: int, limit: float, fi
     if total and errors / total > limit:
         raise RewardError(f"step {step}: reward term {term!r} could not score {errors}/{total} samples (limit "
                           f"rewards.max_error_fraction={limit:g}); first: {first[:200]}")
-
-
-def advantages(a: BaseModel, rewards: torch.Tensor, samples: list[Sample], r: BaseModel):
-    keep = torch.ones(len(samples), dtype=torch.bool)
-    if a.loss == "dapo":
-        lengths = torch.tensor([float(len(s.response_ids)) for s in samples])
-        rewards = rewards + overlong_penalty(lengths, r.max_tokens, a.overlong_buffer)
-        keep = informative_groups(rewards, r.n)
-    return ADVANTAGES[a.loss](rewards, r.n), keep
 
 
 def update(trainers: list, samples: list[Sample], adv: torch.Tensor, keep: torch.Tensor, step: int) -> dict[str, float]:

@@ -49,6 +49,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), max_steps: i
         _cap_steps(recipe, max_steps)
     check_paths(recipe)
     check_rewards(recipe)
+    check_runnable(recipe)
     return recipe
 
 
@@ -218,6 +219,17 @@ def check_paths(recipe: BaseModel) -> None:
 
                 if rest not in REWARDS:
                     raise RecipeError(f"{prefix}critic: unknown rule {rest!r} (registered: {sorted(REWARDS)})")
+
+
+def check_runnable(recipe: BaseModel) -> None:
+    """Every stage's kind has a runner: a pipeline never spends its first stages' compute and then stops at a
+    later stage's start."""
+    from dspost.runner import STAGE_RUNNERS
+
+    for prefix, stage in stages_of(recipe):
+        if stage.kind not in STAGE_RUNNERS:
+            raise RecipeError(f"{prefix}kind: {stage.kind} stages are not implemented yet "
+                              f"(available: {', '.join(sorted(STAGE_RUNNERS))})")
 
 
 def check_rewards(recipe: BaseModel) -> None:

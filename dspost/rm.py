@@ -18,9 +18,8 @@ from pydantic import BaseModel
 from dspost.data.loading import BadRows
 from dspost.model.quant import apply_training_precision
 from dspost.rundir import RunDir
-from dspost.sft import batch_indices
-from dspost.training import (check_finite, compile_if_asked, floating_tensors, optimizer_and_start, save_checkpoint,
-                             set_lr)
+from dspost.data.packing import batch_indices
+from dspost.training import Optimizer, check_finite, compile_if_asked, save_checkpoint, torch_dtype
 
 
 def tokenize_pairs(pairs, tok, max_len: int, bad: BadRows, offset: int = 0) -> list[tuple[list[int], list[int]]]:
@@ -87,7 +86,7 @@ def run_rm(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> P
         raise ValueError(f"data: {len(train)} training and {len(held_out)} held-out pairs left after dropping bad rows")
     run.log.info("data: %d train, %d held-out pairs; bad rows: %s", len(train), len(held_out), bad.summary())
 
-    dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
+    dtype = torch_dtype(m)
     resume_from = run.resume_from
     rm = load_reward_model(resume_from if resume_from and not t.lora else model_path, dtype=dtype, init_head_seed=t.seed)
     rm.lm.balance_alpha = m.seq_balance_loss_weight
@@ -97,9 +96,9 @@ def run_rm(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> P
         rm, bias_speed = _adapt(rm, t.lora, model_path, resume_from), 0.0
     compile_if_asked(rm, t)
     rm.train()
-    opt, start = optimizer_and_start(rm, t, resume_from)
+    optimizer = Optimizer(rm, t, t.max_steps, router=_unwrap(rm).lm, bias_speed=bias_speed)
+    start = optimizer.resume(resume_from).get("step", 0)
     run.resumed(resume_from, start)
-    params = [p for group in opt.param_groups for p in group["params"]]
 
     micro = t.batch_size // t.grad_accum
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.precision == "bf16")
@@ -107,7 +106,6 @@ def run_rm(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> P
     final = None
     for step in range(start, t.max_steps):
         t0 = time.perf_counter()
-        set_lr(opt, t, step)
         idx = batch_indices(len(train), t.batch_size, step, t.seed)
         loss_sum, margins = 0.0, []
         for j in range(t.grad_accum):
@@ -117,24 +115,20 @@ def run_rm(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> P
             (loss / t.grad_accum).backward()
             loss_sum += loss.item() / t.grad_accum
             margins.append(margin)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm)
-        check_finite(step + 1, "the gradient norm", grad_norm)
-        opt.step()
-        check_finite(step + 1, "a weight after the optimizer step", floating_tensors(rm))
-        opt.zero_grad(set_to_none=True)
-        _unwrap(rm).lm.update_router_biases(bias_speed)
+        lr = optimizer.lr
+        grad_norm = optimizer.step(step + 1)
         margin = torch.cat(margins)
         n = step + 1
         metrics = {"train/loss": loss_sum, "train/accuracy": float((margin > 0).float().mean()),
                    "train/margin": float(margin.mean()), "train/grad_norm": float(grad_norm),
-                   "train/lr": opt.param_groups[0]["lr"], "time/step": time.perf_counter() - t0}
+                   "train/lr": lr, "time/step": time.perf_counter() - t0}
         if n % t.eval_every == 0 or n == t.max_steps:
             metrics.update(evaluate(rm, held_out, pad_id))
         run.log_metrics(n, metrics)
         if progress is not None:
             progress(n, t.max_steps, metrics)
         if n % t.save_every == 0 or n == t.max_steps:
-            final = save_checkpoint(run, rm, tok, opt, n)
+            final = save_checkpoint(run, rm, tok, optimizer, n)
     final = final or run.latest_checkpoint()
     if t.lora is not None:
         return merge_rm_adapter(final, model_path, run.root / "merged", dtype)

@@ -170,9 +170,6 @@ class RunDir:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
-        from dspost.plots import plot_run
-
-        plot_run(self.root)
 
 
 def check_resumable(config: Path, resolved: dict[str, Any]) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from dspost.config import ModelSection
+from dspost.plots import plot_run
 from dspost.recipe import stages_of
 from dspost.rundir import RunDir, default_output_dir
 
@@ -64,12 +66,8 @@ STAGE_RUNNERS: dict[str, Callable[[BaseModel, RunDir, Path, Progress], Path]] = 
 
 def run_stage(stage: BaseModel, stage_outputs: dict[str, Path] | None = None, log=print) -> Path:
     """Run one stage into its run directory and return its final checkpoint."""
-    from dspost.models import resolve_model
-
-    runner = STAGE_RUNNERS.get(stage.kind)
-    if runner is None:
-        raise NotImplementedError(f"kind: {stage.kind!r} stages are not implemented yet (available: {sorted(STAGE_RUNNERS)})")
-    model_path = resolve_model(stage.model, stage_outputs, log) if hasattr(stage, "model") else None
+    runner = STAGE_RUNNERS[stage.kind]  # `check_runnable` refused other kinds when the recipe was loaded
+    model_path = start_from(stage.model, stage_outputs, log) if hasattr(stage, "model") else None
     if stage.output_dir is None:
         stage.output_dir = str(default_output_dir(stage.name or stage.kind))
     run = RunDir(stage.output_dir, stage)
@@ -80,8 +78,21 @@ def run_stage(stage: BaseModel, stage_outputs: dict[str, Path] | None = None, lo
     finally:
         progress.close()
         run.close()
+        plot_run(run.root)
     log(f"{stage.name}: done; run directory {run.root}" + (f", final checkpoint {final}" if final != run.root else ""))
     return final
+
+
+def start_from(section: ModelSection, stage_outputs: dict[str, Path] | None, log=print) -> Path:
+    """The checkpoint a stage starts from; the tiny-math warm start is trained here the first time it is needed."""
+    from dspost.starting_point import WARM_START_RECIPE, starting_point, warm_start
+
+    path = starting_point(section, stage_outputs)
+    if path is None:
+        recipe, path = warm_start()
+        log(f"tiny-math warm start not cached: training it once with {WARM_START_RECIPE.name} into {recipe.output_dir}")
+        run_stage(recipe, log=log)
+    return path
 
 
 def run_recipe(recipe: BaseModel, log=print) -> dict[str, Path]:

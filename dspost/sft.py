@@ -17,19 +17,12 @@ import torch
 from pydantic import BaseModel
 
 from dspost.data.loading import BadRows, Example
-from dspost.distributed import (all_reduce_grads, all_reduce_mean, all_reduce_router_load, group_url, init_group,
-                                shutdown_group, start_ray)
+from dspost.data.packing import Tokenized, batch_indices, collate, collate_packed, one_row, pack
+from dspost.distributed import all_reduce_mean, group_url, init_group, shutdown_group, start_ray
 from dspost.lora import add_adapters, is_ours, load_adapters, merge_lora, merged
 from dspost.model.quant import apply_training_precision
 from dspost.rundir import RunDir
-from dspost.training import (check_finite, compile_if_asked, floating_tensors, optimizer_and_start,
-                             save_training_checkpoint, set_lr)
-
-
-@dataclass
-class Tokenized:
-    input_ids: list[int]
-    labels: list[int]
+from dspost.training import Optimizer, check_finite, compile_if_asked, device, save_training_checkpoint, torch_dtype
 
 
 def tokenize(examples: list[Example], tok, max_len: int, bad: BadRows, offset: int = 0) -> list[Tokenized]:
@@ -45,87 +38,6 @@ def tokenize(examples: list[Example], tok, max_len: int, bad: BadRows, offset: i
             bad.add(ex.row if ex.row is not None else offset + i, f"longer than data.max_seq_len={max_len} tokens")
             continue
         out.append(Tokenized(ids, [t if m else -100 for t, m in zip(ids, mask)]))
-    return out
-
-
-def collate(batch: list[Tokenized], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # Right padding under a causal mask never reaches real tokens, so no attention mask is needed.
-    S = max(len(s.input_ids) for s in batch)
-    ids = torch.full((len(batch), S), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), S), -100, dtype=torch.long)
-    for i, s in enumerate(batch):
-        ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
-        labels[i, : len(s.labels)] = torch.tensor(s.labels)
-    # Next-token targets: position t predicts t+1.
-    return ids, torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-
-
-@dataclass
-class Packed:
-    """Several tokenized samples in one row: `segments[i]` numbers the sample each token belongs to."""
-    input_ids: list[int]
-    labels: list[int]
-    segments: list[int]
-
-
-def pack(samples: list[Tokenized], max_len: int) -> list[Packed]:
-    """Next-fit in data order: rows of at most `max_len` tokens. A sample's last label is dropped
-    (its next token is another sample's first)."""
-    rows: list[Packed] = []
-    for s in samples:
-        row = rows[-1] if rows and len(rows[-1].input_ids) + len(s.input_ids) <= max_len else None
-        if row is None:
-            row = Packed([], [], [])
-            rows.append(row)
-        seg = row.segments[-1] + 1 if row.segments else 0
-        row.input_ids += s.input_ids
-        row.labels += s.labels
-        row.segments += [seg] * len(s.input_ids)
-    return rows
-
-
-def one_row(items: list[Tokenized] | list[Packed]) -> Packed:
-    """Samples, or packed rows (their segments renumbered), as one row."""
-    row = Packed([], [], [])
-    for item in items:
-        segments = item.segments if isinstance(item, Packed) else [0] * len(item.input_ids)
-        first = row.segments[-1] + 1 if row.segments else 0
-        row.input_ids += item.input_ids
-        row.labels += item.labels
-        row.segments += [first + s for s in segments]
-    return row
-
-
-def collate_packed(batch: list[Packed], pad_id: int):
-    """ids, next-token labels, segment ids (padding is segment -1) and positions restarting per sample; rows
-    padded to the longest."""
-    S = max(len(r.input_ids) for r in batch)
-    ids = torch.full((len(batch), S), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), S), -100, dtype=torch.long)
-    segments = torch.full((len(batch), S), -1, dtype=torch.long)
-    for i, r in enumerate(batch):
-        n = len(r.input_ids)
-        ids[i, :n], labels[i, :n], segments[i, :n] = (torch.tensor(r.input_ids), torch.tensor(r.labels),
-                                                     torch.tensor(r.segments))
-    starts = torch.ones_like(segments, dtype=torch.bool)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    index = torch.arange(S).expand(len(batch), S)
-    positions = index - torch.cummax(torch.where(starts, index, 0), dim=1).values
-    next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-    same = torch.nn.functional.pad(segments[:, 1:] == segments[:, :-1], (0, 1), value=False)
-    return ids, next_labels.masked_fill(~same, -100), segments, positions
-
-
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Indices of step `step` (0-based) in an epoch-wise shuffled stream; a pure function of its inputs."""
-    out = []
-    pos = step * batch_size
-    while len(out) < batch_size:
-        epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-        take = min(batch_size - len(out), n - offset)
-        out += perm[offset: offset + take]
-        pos += take
     return out
 
 
@@ -229,8 +141,7 @@ class SFTWorker:
         bad.check(d.max_bad_fraction, d.path or "synthetic data")
         self.notes = [f"data: {len(self.train)} train, {len(self.held_out)} held-out samples; bad rows: {bad.summary()}"]
 
-        dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
-        model = load_base(model_path if t.lora else (resume_from or model_path), dtype=dtype)
+        model = load_base(model_path if t.lora else (resume_from or model_path), dtype=torch_dtype(m))
         self.ours = is_ours(model)
         # Our model attends per sample within a row, so a micro-batch runs as one row without pad tokens; the
         # sequence-wise balance loss would see that row as one sequence.
@@ -248,18 +159,16 @@ class SFTWorker:
             self.notes.append(f"LoRA: {sum(p.numel() for p in model.parameters() if p.requires_grad)} trainable of "
                               f"{sum(p.numel() for p in model.parameters())} parameters; router bias updates off")
         compile_if_asked(model, t)
-        # Ray exposes a GPU to this worker only when it asked for one (trainer.num_gpus_per_worker).
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = device()
         self.model = model.to(self.device).train()
-        self.opt, self.start_step = optimizer_and_start(model, t, Path(resume_from) if resume_from else None)
-        self.params = [p for group in self.opt.param_groups for p in group["params"]]
+        self.optimizer = Optimizer(model, t, t.max_steps, world, model if self.ours else None, self.bias_speed)
+        self.start_step = self.optimizer.resume(Path(resume_from) if resume_from else None).get("step", 0)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
         return {"start_step": self.start_step, "notes": self.notes}
 
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         t = self.t
-        set_lr(self.opt, t, step)
         idx = batch_indices(len(self.packed or self.train), t.batch_size, step, t.seed)
         share = t.batch_size // self.world
         idx = idx[self.rank * share:(self.rank + 1) * share]
@@ -286,20 +195,13 @@ class SFTWorker:
             sums["tokens"] += ids.numel()
             sums["real_tokens"] += float((segments >= 0).sum()) if segments is not None else sum(
                 len(self.train[i].input_ids) for i in chunk)
-        all_reduce_grads(self.params, self.world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.clip_grad_norm)
-        check_finite(step + 1, "the gradient norm", grad_norm)
-        self.opt.step()
-        check_finite(step + 1, "a weight after the optimizer step", floating_tensors(self.model))
-        self.opt.zero_grad(set_to_none=True)
-        if self.ours:
-            all_reduce_router_load(self.model, self.world)
-            self.model.update_router_biases(self.bias_speed)
+        lr = self.optimizer.lr
+        grad_norm = self.optimizer.step(step + 1)
         sums = all_reduce_mean(sums, self.world)
         seconds = time.perf_counter() - t0
         metrics = {
             "train/loss": sums["loss"], "train/lm_loss": sums["lm"], "train/grad_norm": float(grad_norm),
-            "train/lr": self.opt.param_groups[0]["lr"], "train/tokens": sums["real_tokens"] * self.world,
+            "train/lr": lr, "train/tokens": sums["real_tokens"] * self.world,
             "perf/tokens_per_s": sums["tokens"] * self.world / seconds,
             "time/step": seconds,
         }
@@ -321,7 +223,7 @@ class SFTWorker:
         return metrics
 
     def save(self, path: str, step: int) -> str:
-        save_training_checkpoint(Path(path), self.model, self.tok, self.opt, step)
+        save_training_checkpoint(Path(path), self.model, self.tok, self.optimizer, step)
         return path
 
     def close(self) -> None:

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from dspost.algorithms import LossInputs, policy_loss
-from dspost.distributed import all_reduce_grads, all_reduce_router_load, free_port, init_group
-from dspost.training import (check_finite, compile_if_asked, floating_tensors, load_training_state, lr_factor,
-                             save_training_checkpoint)
+from dspost.config import GRPORecipe
+from dspost.data.packing import first_fit_decreasing
+from dspost.distributed import all_reduce_sum, free_port, init_group
+from dspost.training import Optimizer, check_finite, compile_if_asked, device, save_training_checkpoint, torch_dtype
 
 
 @dataclass
@@ -23,7 +24,6 @@ class RolloutBatch:
     response_ids: list[list[int]]
     rollout_logprobs: list[list[float]]
     advantages: list[float]
-    routes: list | None = None
 
 
 def pack(batch: RolloutBatch, pad_id: int) -> dict[str, torch.Tensor]:
@@ -46,7 +46,7 @@ def pack(batch: RolloutBatch, pad_id: int) -> dict[str, torch.Tensor]:
 def token_logprobs(model, ids: torch.Tensor, routes=None, position_ids=None, segment_ids=None,
                    entropy_grad: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position logprob of the next token [B, L-1] under the logits divided by `temperature` (the
-    distribution the engine sampled from), and its entropy [B, L-1] (detached unless `entropy_grad`: it costs
+    distribution the engine sampled from; 0, greedy, leaves them untempered), and its entropy [B, L-1] (detached unless `entropy_grad`: it costs
     a second [N, vocab] graph)."""
     packed = {"position_ids": position_ids, "segment_ids": segment_ids} if segment_ids is not None else {}
     logits = model(ids, routes=routes, **packed).logits[:, :-1]
@@ -56,7 +56,7 @@ def token_logprobs(model, ids: torch.Tensor, routes=None, position_ids=None, seg
 def _next_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy_grad: bool,
                          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     logits = logits.float()
-    if temperature != 1.0:
+    if temperature not in (0.0, 1.0):  # 0 is greedy: vLLM reports the untempered logprobs of a greedy sample
         logits = logits / temperature
     logp_all = logits.log_softmax(-1)
     lp = logp_all.gather(-1, targets[..., None])[..., 0]
@@ -75,15 +75,8 @@ def packed_logprobs(model, ids: torch.Tensor, lengths: torch.Tensor, row_len: in
     only (the prompt's logprobs are never used) and the others are 0."""
     B, L = ids.shape
     n = lengths.tolist()
-    rows: list[list[int]] = []  # sequence indices per row, first-fit decreasing
-    used: list[int] = []
-    for i in sorted(range(B), key=lambda i: -n[i]):
-        r = next((r for r, u in enumerate(used) if u + n[i] <= row_len), len(rows))
-        if r == len(rows):
-            rows.append([])
-            used.append(0)
-        rows[r].append(i)
-        used[r] += n[i]
+    rows = first_fit_decreasing(n, row_len)
+    used = [sum(n[i] for i in members) for members in rows]
     S = max(used)
     src_seq = torch.zeros(len(rows), S, dtype=torch.long)  # row token (r, t) is ids[src_seq, src_pos]
     src_pos, segments = torch.zeros_like(src_seq), torch.full_like(src_seq, -1)
@@ -109,61 +102,58 @@ def packed_logprobs(model, ids: torch.Tensor, lengths: torch.Tensor, row_len: in
 
 
 class TrainerWorker:
-    def __init__(self, model_path: str, cfg: dict, rank: int = 0, world: int = 1, dist_url: str | None = None,
-                 resume_from: str | None = None):
-        from types import SimpleNamespace
+    """One rank of the trainer pool, built from the typed recipe: the policy, its optimizer, the reference model
+    (when `algorithm.kl_beta > 0`), and its share of every rollout batch."""
 
+    def __init__(self, recipe: GRPORecipe, model_path: str, rank: int = 0, world: int = 1, dist_url: str | None = None,
+                 resume_from: str | None = None):
         from dspost.model import from_pretrained, load_tokenizer
 
-        self.trainer = SimpleNamespace(**cfg["trainer"])
-        self.algo = SimpleNamespace(**cfg["algorithm"])
-        self.model_cfg = SimpleNamespace(**cfg["model"])
-        self.cfg_quantize = cfg.get("quantize", "none")  # weight format sent to the engines (quantise-on-sync)
-        # The policy trained is the one sampled from: the model's distribution at the rollout temperature
-        # (greedy rollouts, temperature 0, come with the engine's untempered logprobs).
-        self.temperature = cfg.get("temperature") or 1.0
-        if self.trainer.num_threads:
-            torch.set_num_threads(self.trainer.num_threads)
-        torch.manual_seed(self.trainer.seed + rank)
-        self.rank, self.world = rank, world
+        self.recipe, self.rank, self.world = recipe, rank, world
+        t, m = recipe.trainer, recipe.model
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        torch.manual_seed(t.seed + rank)
         init_group(rank, world, dist_url)
-        dtype = torch.bfloat16 if self.model_cfg.dtype == "bfloat16" else torch.float32
-        # Ray exposes a GPU to this actor only when it asked for one (trainer.num_gpus_per_worker).
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.model = from_pretrained(resume_from or model_path, dtype=dtype).to(self.device).train()
+        self.device = device()
+        self.model = from_pretrained(resume_from or model_path, dtype=torch_dtype(m)).to(self.device).train()
         if self.device.type == "cuda":  # one-launch Triton grouped GEMM for the routed experts
             from dspost.model.quant import use_grouped_gemm
 
             use_grouped_gemm(self.model)
-        compile_if_asked(self.model, self.trainer)
+        compile_if_asked(self.model, t)
         self.tokenizer = load_tokenizer(model_path)
-        self.ref = from_pretrained(model_path, dtype=dtype).to(self.device).eval() if self.algo.kl_beta > 0 else None
+        self.ref = (from_pretrained(model_path, dtype=torch_dtype(m)).to(self.device).eval()
+                    if recipe.algorithm.kl_beta > 0 else None)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
         self.transport = None  # set by connect_weight_transfer (NCCL); the object store needs no state
-        t = self.trainer
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-        # `step` counts optimizer steps (minibatches per rollout batch), which the LR schedule follows.
-        self.step = load_training_state(Path(resume_from), self.opt)["opt_steps"] if resume_from else 0
+        # The schedule follows optimizer steps: `algorithm.minibatches` of them per rollout batch.
+        self.optimizer = Optimizer(self.model, t, t.max_steps * recipe.algorithm.minibatches, world, self.model,
+                                   m.bias_update_speed)
+        self.optimizer.resume(Path(resume_from) if resume_from else None)
 
     def ready(self) -> int:
-        return self.step
+        return self.optimizer.steps
 
     def node(self) -> str:
         import ray
 
         return ray.get_runtime_context().get_node_id()
 
-    def train_step(self, batch: RolloutBatch, step: int = 0) -> dict[str, float]:
-        """One rollout batch's optimizer step(s). A non-finite loss, gradient norm or weight raises
-        `NonFiniteError` naming the RL `step` before the optimizer applies it (or, for weights, before any
-        sync or save can publish them)."""
+    def train_step(self, batch: RolloutBatch, step: int) -> dict[str, float]:
+        """One rollout batch's optimizer step(s), `algorithm.minibatches` of them. A non-finite loss, gradient norm
+        or weight raises `NonFiniteError` naming the RL `step` before the optimizer applies it (or, for weights,
+        before any sync or save can publish them)."""
         t0 = time.perf_counter()
-        t, a = self.trainer, self.algo
+        t, a = self.recipe.trainer, self.recipe.algorithm
+        # The policy trained is the one sampled from: the logits at the rollout temperature.
+        temperature = self.recipe.rollout.temperature
         x = {k: v.to(self.device) for k, v in pack(batch, self.tokenizer.pad_token_id).items()}
 
-        # No routing replay: the CPU engine cannot return routes (replaying them would need them packed like the rows).
         def logprobs(model, idx=slice(None)):
-            return packed_logprobs(model, x["ids"][idx], x["lengths"][idx], a.pack_len, a.entropy_coef > 0,
-                                   self.temperature, at=x["mask"][idx])
+            with self.autocast:
+                return packed_logprobs(model, x["ids"][idx], x["lengths"][idx], a.pack_len, a.entropy_coef > 0,
+                                       temperature, at=x["mask"][idx])
 
         # With one optimizer step per batch, every forward sees the weights that produced the batch: the
         # training forward's own logprobs (detached) are the old ones, and no separate pass is needed.
@@ -178,42 +168,37 @@ class TrainerWorker:
         seen_lp, seen_entropy = torch.zeros_like(x["rollout_lp"]), torch.zeros_like(x["rollout_lp"])
         sums: dict[str, float] = {}
         for mb in torch.arange(B).chunk(a.minibatches):
-            for g in self.opt.param_groups:
-                g["lr"] = t.lr * lr_factor(self.step, t.warmup_steps, t.max_steps * a.minibatches, t.min_lr_ratio)
+            # Every mean is over the whole minibatch, on every rank (see dspost/algorithms.py).
+            tokens, sequences = all_reduce_sum([float(x["mask"][mb].sum()), float(len(mb))], self.world)
             for micro in mb.chunk(t.grad_accum):
                 lp, ent = logprobs(self.model, micro)
                 old = old_lp[micro] if old_lp is not None else lp.detach()
                 if old_lp is None:
                     seen_lp[micro], seen_entropy[micro] = old, ent.detach()
                 inputs = LossInputs(lp, old, x["rollout_lp"][micro], x["adv"][micro], x["mask"][micro],
-                                    ref_lp[micro] if ref_lp is not None else None, ent)
+                                    ref_lp[micro] if ref_lp is not None else None, ent, tokens=tokens,
+                                    sequences=sequences, max_len=self.recipe.rollout.max_tokens)
                 loss, m = policy_loss(inputs, a)
                 check_finite(step, "the policy loss", loss)
-                (loss * len(micro) / len(mb)).backward()
-                for k, v in {"loss": float(loss.detach()), **m}.items():
+                # The group averages gradients over its ranks; each rank's loss is its share of the global mean.
+                (loss * self.world).backward()
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * self.world / a.minibatches
+                for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v * len(micro) / B
-            all_reduce_grads(list(self.model.parameters()), self.world)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
-            check_finite(step, "the gradient norm", grad_norm)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) / a.minibatches
-            self.opt.step()
-            check_finite(step, "a weight after the optimizer step", floating_tensors(self.model))
-            self.opt.zero_grad(set_to_none=True)
-            all_reduce_router_load(self.model, self.world)
-            self.model.update_router_biases(self.model_cfg.bias_update_speed)
-            self.step += 1
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + self.optimizer.step(step) / a.minibatches
         if old_lp is None:
             old_lp, entropy = seen_lp, seen_entropy
-        tokens = x["mask"].sum()
-        metrics: dict[str, float] = {"entropy": float((entropy * x["mask"]).sum() / tokens),
-                                     "train/rollout_logprob_diff": float(((old_lp - x["rollout_lp"]).abs() * x["mask"]).sum() / tokens)}
+        n = x["mask"].sum()
+        metrics: dict[str, float] = {
+            "train/entropy": float((entropy * x["mask"]).sum() / n),
+            "train/rollout_logprob_diff": float(((old_lp - x["rollout_lp"]).abs() * x["mask"]).sum() / n)}
         load = self.model.expert_load()
         if load.numel():
             ratios = load.max(1).values / load.min(1).values.clamp(min=1)
             metrics["moe/load_max_min_ratio"] = float(ratios.max())
             metrics.update({f"moe/layer{i}/load_max_min_ratio": float(v) for i, v in enumerate(ratios)})
         metrics.update({f"train/{k}": v for k, v in sums.items()})
-        metrics["train/tokens"] = float(x["mask"].sum())
+        metrics["train/tokens"] = float(n)
         metrics["train/seconds"] = time.perf_counter() - t0
         return metrics
 
@@ -232,7 +217,7 @@ class TrainerWorker:
         from dspost.model.checkpoint import quantize_named
 
         named = hf_tensors(self.model, include_mtp=False)  # vLLM serves no MTP layers here
-        quantize = self.cfg_quantize
+        quantize = self.recipe.sync.quantize
         return quantize_named(named, quantize) if quantize != "none" else named
 
     def publish_weights(self, transport: str, bucket_bytes: int) -> list | None:
@@ -255,6 +240,7 @@ class TrainerWorker:
 
     def save(self, path: str, step: int) -> str:
         if self.rank == 0:
-            save_training_checkpoint(Path(path), self.model, self.tokenizer, self.opt, step, {"opt_steps": self.step})
+            save_training_checkpoint(Path(path), self.model, self.tokenizer, self.optimizer, step,
+                                     {"opt_steps": self.optimizer.steps})
         return path
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dspost.config import ModelSection, TrainerSection
+
 
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
     """Linear warm-up to 1, then cosine down to `floor`."""
@@ -126,22 +128,71 @@ def _unpickling_reason(e: Exception) -> str:
     return (named or lines or [type(e).__name__])[0]
 
 
-def optimizer_and_start(model, t, resume_from: Path | None) -> tuple[torch.optim.Optimizer, int]:
-    """AdamW over the trainable parameters, restored (with the RNG) when resuming; returns it and the step
-    to continue from."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    if resume_from is None:
-        return opt, 0
-    return opt, load_training_state(resume_from, opt)["step"]
+class Optimizer:
+    """The one optimizer step every trainer takes: AdamW over the trainable parameters, the learning rate of
+    `lr_factor` at the step about to be taken, gradients averaged over the worker group, clipping, the
+    finiteness checks, and the MoE routers' aux-loss-free bias update from the expert load summed over the
+    group. `steps` counts optimizer steps taken (the schedule's clock); `total` is how many the run takes."""
+
+    def __init__(self, model: nn.Module, t: TrainerSection, total: int, world: int = 1, router: nn.Module | None = None,
+                 bias_speed: float = 0.0):
+        self.model, self.t, self.total, self.world = model, t, total, world
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.adamw = torch.optim.AdamW(self.params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        # `router`: our DeepseekV3 whose router biases follow the expert load (None: no MoE, or frozen under LoRA)
+        self.router, self.bias_speed = router, bias_speed
+        self.steps = 0
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next step."""
+        t = self.t
+        return t.lr * lr_factor(self.steps, t.warmup_steps, self.total, t.min_lr_ratio)
+
+    def step(self, label: int) -> float:
+        """Apply the accumulated gradients; returns the (pre-clip) gradient norm. `label` is the run's step, named
+        by a `NonFiniteError` raised before a non-finite gradient is applied or after a step that made a weight
+        non-finite (before any sync or save can publish it)."""
+        from dspost.distributed import all_reduce_grads, all_reduce_router_load
+
+        for group in self.adamw.param_groups:
+            group["lr"] = self.lr
+        all_reduce_grads(self.params, self.world)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.t.clip_grad_norm))
+        check_finite(label, "the gradient norm", grad_norm)
+        self.adamw.step()
+        check_finite(label, "a weight after the optimizer step", floating_tensors(self.model))
+        self.adamw.zero_grad(set_to_none=True)
+        if self.router is not None:
+            all_reduce_router_load(self.router, self.world)
+            self.router.update_router_biases(self.bias_speed)
+        self.steps += 1
+        return grad_norm
+
+    def state_dict(self) -> dict:
+        return self.adamw.state_dict()
+
+    def resume(self, checkpoint: Path | None) -> dict:
+        """Restore the AdamW state, the RNG and the step count from `checkpoint` (no-op without one); returns the
+        checkpoint's training state (`step` and what the trainer saved beside it), empty without one."""
+        if checkpoint is None:
+            return {}
+        state = load_training_state(checkpoint, self.adamw)
+        self.steps = int(state.get("opt_steps", state["step"]))
+        return state
 
 
-def set_lr(opt: torch.optim.Optimizer, t, step: int) -> None:
-    for g in opt.param_groups:
-        g["lr"] = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+def device() -> torch.device:
+    """This worker's device: its GPU when Ray (or the machine) exposes one, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def compile_if_asked(model, t) -> None:
+def torch_dtype(m: ModelSection) -> torch.dtype:
+    """`model.dtype` as a torch dtype."""
+    return torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
+
+
+def compile_if_asked(model: nn.Module, t: TrainerSection) -> None:
     """`trainer.compile`: compile the blocks of `model` in place (`apply_compile`), or say why it cannot."""
     from dspost.model import apply_compile
 

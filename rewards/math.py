@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from dspost.rewards.math_parse import MAX_LENGTH, Refused, to_sympy
 from dspost.rewards.verdict import Verdict
 
 # ------------------------------------------------------------------------------------------- extraction
@@ -315,6 +314,8 @@ def _is_inexact(s: str) -> bool:
 
 def _item(s: str):
     """One element of a set, tuple or `or` list: an expression, or `x = expr` (a variable's value is the element)."""
+    from dspost.rewards.math_parse import to_sympy  # sympy loads in the scoring workers only
+
     lhs, eq, rhs = s.partition("=")
     return to_sympy(rhs if eq and re.fullmatch(r"\s*[a-zA-Z]\s*", lhs) else s)
 
@@ -334,6 +335,8 @@ def _set_items(parts: list[str]) -> tuple:
 
 def parse_value(s: str) -> Value:
     import sympy
+
+    from dspost.rewards.math_parse import MAX_LENGTH, Refused, to_sympy  # sympy loads in the scoring workers only
 
     s = normalise(s)
     if not s:
@@ -363,6 +366,8 @@ def parse_value(s: str) -> Value:
 
 
 def _interval(s: str):
+    from dspost.rewards.math_parse import to_sympy  # sympy loads in the scoring workers only
+
     import sympy
 
     parts = [p.strip() for p in s.split("\\cup")]
@@ -496,6 +501,8 @@ def verify_math(response: str, gold: str, *, extraction: str = "strict", allow_l
     "final answer is"/"Answer:" or bold answer, and the last number only with `allow_last_number`.
     `extraction="lenient"` (grading other models' outputs) reads the final expression however it is written:
     see `extract_lenient`. `extract=False` grades `response` as the answer itself."""
+    from dspost.rewards.math_parse import Refused  # sympy loads in the scoring workers only
+
     if extraction not in ("strict", "lenient"):
         raise ValueError(f"verify_math: extraction must be 'strict' or 'lenient', got {extraction!r}")
     if extraction == "lenient" and allow_last_number:

@@ -44,7 +44,7 @@ def monkeypatch_module():
 
 @pytest.fixture(scope="module")
 def policy():
-    from dspost.models import tiny_math_init
+    from dspost.starting_point import tiny_math_init
 
     return tiny_math_init()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dspost.cli import main
-from dspost.config import AlgorithmSection, ModelSection, RewardsSection, TrainerSection
+from dspost.config import GRPORecipe, ModelSection, RewardsSection, TrainerSection
 from dspost.data.loading import BadRows, Example
 from dspost.grpo import ParityError, RewardError, fitting_prompts, parity, score
 from dspost.rewards import ScoringPool
@@ -39,7 +39,7 @@ def test_reward_errors_beyond_the_limit_stop_the_run():
 
 def test_prompts_longer_than_the_engine_allows_are_counted_bad_rows():
     from dspost.model import load_tokenizer
-    from dspost.models import tiny_math_init
+    from dspost.starting_point import tiny_math_init
 
     tok = load_tokenizer(str(tiny_math_init()))
     ex = lambda q: Example([{"role": "user", "content": q}, {"role": "assistant", "content": "1"}], "1")  # noqa: E731
@@ -51,12 +51,11 @@ def test_prompts_longer_than_the_engine_allows_are_counted_bad_rows():
 
 
 def test_a_non_finite_policy_loss_stops_the_update_before_it_is_applied():
-    from dspost.models import tiny_math_init
+    from dspost.starting_point import tiny_math_init
     from dspost.trainer_worker import RolloutBatch, TrainerWorker
 
-    cfg = {"trainer": TrainerSection(lr=1e-3, warmup_steps=0).model_dump(), "algorithm": AlgorithmSection().model_dump(),
-           "model": ModelSection(bias_update_speed=0).model_dump()}
-    worker = TrainerWorker(str(tiny_math_init()), cfg)
+    worker = TrainerWorker(GRPORecipe(kind="grpo", trainer=TrainerSection(lr=1e-3, warmup_steps=0),
+                                      model=ModelSection(bias_update_speed=0)), str(tiny_math_init()))
     before = {k: v.clone() for k, v in worker.model.state_dict().items()}
     batch = RolloutBatch([[4, 100, 5]] * 2, [[200, 2], [300, 2]], [[-1.0, -1.0]] * 2, [math.nan, 1.0])
     with pytest.raises(NonFiniteError, match="step 7: the policy loss is not finite"):
@@ -65,20 +64,19 @@ def test_a_non_finite_policy_loss_stops_the_update_before_it_is_applied():
 
 
 def test_non_finite_weights_after_the_optimizer_step_are_named():
-    from dspost.models import tiny_math_init
+    from dspost.starting_point import tiny_math_init
     from dspost.trainer_worker import RolloutBatch, TrainerWorker
 
-    cfg = {"trainer": TrainerSection(lr=1e-3, warmup_steps=0).model_dump(), "algorithm": AlgorithmSection().model_dump(),
-           "model": ModelSection(bias_update_speed=0).model_dump()}
-    worker = TrainerWorker(str(tiny_math_init()), cfg)
-    step = worker.opt.step
+    worker = TrainerWorker(GRPORecipe(kind="grpo", trainer=TrainerSection(lr=1e-3, warmup_steps=0),
+                                      model=ModelSection(bias_update_speed=0)), str(tiny_math_init()))
+    step = worker.optimizer.adamw.step
 
     def poisoned_step():  # an optimizer that overflows one weight (finite gradients, as a huge lr would)
         step()
         with torch.no_grad():
             worker.model.model.norm.weight[0] = math.inf
 
-    worker.opt.step = poisoned_step
+    worker.optimizer.adamw.step = poisoned_step
     batch = RolloutBatch([[4, 100, 5]] * 2, [[200, 2], [300, 2]], [[-1.0, -1.0]] * 2, [1.0, -1.0])
     with pytest.raises(NonFiniteError, match=r"step 2: a weight after the optimizer step is not finite \(model\.norm\.weight: inf"):
         worker.train_step(batch, 2)
@@ -111,7 +109,7 @@ def test_a_nan_sft_loss_stops_the_run_and_latest_stays_on_the_last_finite_checkp
 def test_held_out_answers_are_graded_in_the_scoring_pool_not_the_trainer(monkeypatch):
     import dspost.rewards.math
     from dspost.model import load_tokenizer
-    from dspost.models import tiny_math_init
+    from dspost.starting_point import tiny_math_init
     from dspost.sft import eval_accuracy
 
     def in_this_process(*args, **kwargs):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dspost.model import DeepseekV3
-from dspost.sft import Tokenized, collate, collate_packed, one_row, pack
+from dspost.data.packing import Tokenized, collate, collate_packed, one_row, pack
 from tests.model.conftest import small_args
 
 LENGTHS = (7, 5, 9, 4, 6)

@@ -27,6 +27,8 @@ def make_workspace(root: Path) -> None:
     (root / "dd" / "dataset_dict.json").write_text('{"splits": ["test"]}')
     (root / "noconfig").mkdir()
     (root / "noconfig" / "model.safetensors").write_bytes(b"")
+    (root / "ckpt").mkdir()
+    (root / "ckpt" / "config.json").write_text("{}")
     (root / "cfg_rewards_broken.py").write_text("raise RuntimeError('boom')\n")
     (root / "cfg_rewards_ok.py").write_text("NOT_FN = 3\n\n\ndef score(response, example, scale=1.0):\n"
                                             "    return scale\n")
@@ -187,6 +189,13 @@ CASES = [
     ("negative bootstrap seed", "kind: eval_rm\nseed: -1\n", [], "seed: Input should be greater than or equal to 0"),
     ("steps past the seed range", GOOD_SFT,
      ["trainer.max_steps=10000000000"], "trainer.max_steps: Input should be less than or equal to"),
+    # Options a stage would ignore are refused, not accepted and dropped.
+    ("batch size of an RL step", "kind: grpo\ntrainer:\n  batch_size: 32\n", [],
+     "trainer.batch_size: an RL step trains on its rollout"),
+    ("rollout engine choice", "kind: grpo\nrollout:\n  engine: vllm\n", [], "rollout.engine: unknown key"),
+    ("routing replay", "kind: grpo\nalgorithm:\n  routing_replay: true\n", [], "algorithm.routing_replay: unknown key"),
+    ("a later stage that cannot run", "kind: pipeline\nstages:\n  - kind: sft\n    name: a\n"
+     "  - kind: opd\n    name: b\n    teachers: [{path: ckpt}]\n", [], "stages.1.kind: opd stages are not implemented"),
 ]
 
 

@@ -65,7 +65,7 @@ def test_packed_rows_train_like_separate_sequences():
     import torch
 
     from dspost.model import DeepseekV3
-    from dspost.sft import Tokenized, collate, collate_packed, pack
+    from dspost.data.packing import Tokenized, collate, collate_packed, pack
     from tests.model.conftest import small_args
 
     model = DeepseekV3(small_args()).init_weights(0).eval()
@@ -98,7 +98,7 @@ def test_padding_free_row_gives_the_padded_batch_loss_and_gradients():
     import torch
 
     from dspost.model import DeepseekV3
-    from dspost.sft import Tokenized, collate, collate_packed, one_row, pack
+    from dspost.data.packing import Tokenized, collate, collate_packed, one_row, pack
     from tests.model.conftest import small_args
 
     model = DeepseekV3(small_args()).init_weights(0).train()

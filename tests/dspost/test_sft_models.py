@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from dspost.cli import main
+from dspost.data.packing import Tokenized, collate, collate_packed, pack
 from dspost.rundir import read_metrics
-from dspost.sft import Tokenized, collate, collate_packed, lm_loss, pack
+from dspost.sft import lm_loss
 
 ARGS = ["data.num_train=64", "data.num_eval=8", "data.max_seq_len=128", "trainer.batch_size=8",
         "trainer.eval_every=3", "trainer.save_every=3", "trainer.warmup_steps=1", "--max-steps", "6"]
@@ -18,7 +19,7 @@ ARGS = ["data.num_train=64", "data.num_eval=8", "data.max_seq_len=128", "trainer
 def llama(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dspost.models import tiny_math_init
+    from dspost.starting_point import tiny_math_init
     from dspost.model import load_tokenizer
 
     tok = load_tokenizer(str(tiny_math_init()))  # the project's tokenizer: a chat template with generation marks

@@ -1,4 +1,4 @@
-"""Resolve a recipe's `model` section to a checkpoint directory.
+"""Which checkpoint a stage starts from: a path, an earlier pipeline stage's output, or a built-in preset.
 
 `tiny-math` is materialised once into the cache (`$DSPOST_CACHE`, default `~/.cache/dspost`): a random
 init with the project's tokenizer, and the SFT warm start produced from it by `recipes/sft_tiny_math.yaml`
@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 
 from pydantic import BaseModel
+
+from dspost.config import ModelSection
 
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 WARM_START_RECIPE = REPO_RECIPES / "sft_tiny_math.yaml"
@@ -44,31 +46,30 @@ def tiny_math_init() -> Path:
     return path
 
 
-def tiny_math_warm_start(log=print) -> Path:
+def warm_start() -> tuple[BaseModel, Path]:
+    """The warm-start recipe (run into its cache directory, resuming) and the checkpoint it ends with. Only its
+    last step's checkpoint is the warm start: a run killed after an earlier save resumes from that save."""
+    from dspost.recipe import load_recipe
+
     if not WARM_START_RECIPE.is_file():
         raise FileNotFoundError(f"{WARM_START_RECIPE}: the warm-start recipe is missing (run from a dspost checkout)")
     init = tiny_math_init()
     digest = hashlib.sha256(WARM_START_RECIPE.read_bytes() + init.name.encode()).hexdigest()[:12]
     out = cache_dir() / f"tiny-math-sft-{digest}"
-    from dspost.recipe import load_recipe
-
     recipe = load_recipe(WARM_START_RECIPE, [f"output_dir={out}", "resume=true"])
-    final = out / "checkpoints" / f"step_{recipe.trainer.max_steps}"
-    # Only the last step's checkpoint is the warm start: a run killed after an earlier save resumes from it.
-    if (final / "config.json").is_file():
-        return final
-    log(f"tiny-math warm start not cached: training it once with {WARM_START_RECIPE.name} into {out}")
-    from dspost.runner import run_stage
-
-    run_stage(recipe)
-    return final
+    return recipe, out / "checkpoints" / f"step_{recipe.trainer.max_steps}"
 
 
-def resolve_model(section: BaseModel, stage_outputs: dict[str, Path] | None = None, log=print) -> Path:
+def starting_point(section: ModelSection, stage_outputs: dict[str, Path] | None = None) -> Path | None:
+    """The checkpoint a stage's `model` section starts from; None for the tiny-math warm start when it is not
+    trained yet (the runner trains it, see `warm_start`)."""
     if section.from_stage:
         return stage_outputs[section.from_stage]
     if section.path:
         return Path(section.path)
-    if section.preset == "tiny-math":
-        return tiny_math_warm_start(log) if section.warm_start else tiny_math_init()
-    raise ValueError("model: set model.path, model.preset or model.from_stage")
+    if section.preset != "tiny-math":
+        raise ValueError("model: set model.path, model.preset or model.from_stage")
+    if not section.warm_start:
+        return tiny_math_init()
+    _, final = warm_start()
+    return final if (final / "config.json").is_file() else None
