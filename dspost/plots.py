@@ -1,9 +1,10 @@
 """PNG curves of a run's metrics: one figure per metric group (the part of the name before the first '/'), one
 axis per scale inside it, and a smoothed line over the faint per-step values.
 
-Which curves share an axis (`assign_axes`): counts (integer-valued series above 1: a reward term's verdicts out
-of the batch, tokens) share one axis; every other curve joins an axis whose curves are within a factor of 10 of
-its size (largest |value|), else opens its own. So `reward/mean` (0-1) never lies flat under
+Which curves share an axis (`assign_axes`): durations (`time/*`, `*/seconds`) share one, on a log scale when they
+differ more than tenfold; counts (whole numbers, some above 1: a reward term's verdicts out of the batch, tokens)
+share one; every other curve joins an axis whose curves are within a factor of 10 of its size (largest |value|),
+else opens its own. So `reward/mean` (0-1) never lies flat under
 `reward/math/correct` (0-128), `sync/parity_max_abs` (1e-3) is not a line at zero under
 `sync/policy_change_max` (0.1), and `train/lr` (1e-4) gets its own axis beside `train/loss`.
 
@@ -56,15 +57,14 @@ def is_count(values: list[float]) -> bool:
 
 def assign_axes(curves: dict[str, Series]) -> list[list[str]]:
     """The curves of one group split by scale: durations in seconds on one axis (phases of a step, compared with
-    each other: a log axis when they differ more than `SCALE_RATIO` times), counts on one (with the whole-valued
-    curves beside them: a verdict count that stayed 0 or 1), then the others by decreasing size, a new axis whenever a curve is more than
-    `SCALE_RATIO` times smaller than its axis' largest. All-zero curves join the smallest-scale axis (a line at
-    zero reads the same on any)."""
+    each other), counts on one (with the whole-valued curves beside them: a verdict count that stayed 0 or 1),
+    then the others by decreasing size, a new axis whenever a curve is more than `SCALE_RATIO` times smaller
+    than its axis' largest. All-zero curves join the smallest-scale axis (a line at zero reads the same on any)."""
     seconds = sorted((k for k in curves if is_seconds(k)), key=natural)
-    counts = [k for k, (_, ys) in curves.items() if k not in seconds and is_count(ys)]
-    counts = sorted((k for k, (_, ys) in curves.items() if k not in seconds and is_whole(ys)) if counts else [],
-                    key=natural)
-    size = {k: max(abs(v) for v in ys) for k, (_, ys) in curves.items() if k not in counts and k not in seconds}
+    others = [k for k in curves if k not in seconds]
+    counts = sorted((k for k in others if is_whole(curves[k][1])), key=natural) \
+        if any(is_count(curves[k][1]) for k in others) else []
+    size = {k: max(abs(v) for v in curves[k][1]) for k in others if k not in counts}
     axes: list[list[str]] = [ks for ks in (seconds, counts) if ks]
     scaled: list[tuple[float, list[str]]] = []  # (largest size, keys)
     for key in sorted((k for k in size if size[k] > 0), key=lambda k: (-size[k], k)):

@@ -76,7 +76,8 @@ def test_a_family_of_many_curves_gets_one_legend_entry():
 
 def test_plot_run_writes_one_png_per_group(tmp_path):
     rows = grpo_rows() + [{"step": 41, "reward/mean": float("nan"), "eval_rm/accuracy": 0.7}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # NaN: json writes and reads it
+    # json writes NaN as a token read back as a float
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     written = plot_run(tmp_path)
     # eval_rm was logged once: nothing to draw over steps (and eval_rm writes its own eval_rm.png)
     assert sorted(p.name for p in written) == ["eval.png", "reward.png", "sync.png", "time.png", "train.png"]
