@@ -75,15 +75,24 @@ def test_a_family_of_many_curves_gets_one_legend_entry():
 
 
 def test_plot_run_writes_one_png_per_group(tmp_path):
-    rows = grpo_rows() + [{"step": 41, "reward/mean": float("nan"), "eval_rm/accuracy": 0.7}]
+    rows = grpo_rows() + [{"step": 41, "reward/mean": float("nan"), "final/accuracy": 0.7}]
     # json writes NaN as a token read back as a float
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     written = plot_run(tmp_path)
-    # eval_rm was logged once: nothing to draw over steps (and eval_rm writes its own eval_rm.png)
-    assert sorted(p.name for p in written) == ["eval.png", "reward.png", "sync.png", "time.png", "train.png"]
+    assert sorted(p.name for p in written) == ["eval.png", "final.png", "reward.png", "sync.png", "time.png",
+                                               "train.png"]
     for p in written:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(p.name for p in written)  # no temporaries
+
+
+def test_a_one_step_run_has_no_curves(tmp_path):
+    """eval_rm logs its summary once, at step 0, and draws its own plots/eval_rm.png: left alone."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval_rm/accuracy": 0.7, "perf/pairs_per_s": 3.0}))
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "eval_rm.png").write_bytes(b"report")
+    assert plot_run(tmp_path) == []
+    assert (tmp_path / "plots" / "eval_rm.png").read_bytes() == b"report"
 
 
 def postfix(rows: list[dict]) -> str:
