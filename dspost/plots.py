@@ -187,13 +187,13 @@ def plot_group(group: str, curves: dict[str, Series], path: Path) -> None:
 
 
 def plot_metrics(rows: list[dict], out_dir: Path) -> list[Path]:
-    """`out_dir/<group>.png` for every group with a curve of more than one point (a group logged once, like
-    eval_rm's step-0 summary, has nothing to draw over steps; its values stay in metrics.jsonl)."""
+    """`out_dir/<group>.png` for every group, when the rows span more than one step (a one-step run, like
+    eval_rm's summary at step 0, has nothing to draw over steps; its values stay in metrics.jsonl)."""
+    if len({row["step"] for row in rows}) < 2:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for group, curves in sorted(group_series(rows).items()):
-        if all(len(xs) < 2 for xs, _ in curves.values()):
-            continue
-        out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{group}.png"
         plot_group(group, curves, path)
         written.append(path)
