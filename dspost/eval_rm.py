@@ -29,6 +29,13 @@ def load_eval_pairs(stage: BaseModel):
     return pairs[: stage.limit] if stage.limit is not None else pairs, bad
 
 
+def vllm_engine(path: str, max_model_len: int):
+    """The engine a `judge:DIR` critic is served by: vLLM in this process (rewards/ does not import rollout/)."""
+    from dspost.rollout.engine import VLLMEngine
+
+    return VLLMEngine(path, max_model_len=max_model_len)
+
+
 def run_eval_rm(stage: BaseModel, run: RunDir, model_path: Path | None = None, progress=None) -> Path:
     from tqdm import tqdm
 
@@ -40,7 +47,8 @@ def run_eval_rm(stage: BaseModel, run: RunDir, model_path: Path | None = None, p
     run.log.info("eval-rm: %d pairs from %s; bad rows: %s", len(pairs), stage.data.path or "synthetic math pairs",
                  bad.summary() if bad else "none")
     t0 = time.perf_counter()
-    with make_critic(stage.critic, batch_size=stage.batch_size, max_length=stage.max_length) as critic:
+    with make_critic(stage.critic, batch_size=stage.batch_size, max_length=stage.max_length,
+                     judge_engine=vllm_engine) as critic:
         with tqdm(total=len(pairs), desc=f"eval-rm {critic.name}", unit="pair", dynamic_ncols=True) as bar:
             judgments = critic.compare(pairs, progress=bar.update)
         seconds = time.perf_counter() - t0

@@ -14,21 +14,35 @@ from dspost.rundir import RunDir, default_output_dir
 
 
 class Progress:
-    """A tqdm bar with rate and ETA, showing a few headline metrics."""
+    """A tqdm bar with rate and ETA and the numbers a user watches. RL stages (a row with `reward/` or `opd/`
+    metrics): `reward` (mean reward of the batch), `acc` (the batch's accuracy), `eval_acc` (held-out accuracy),
+    `kl` (OPD's reverse KL to the teacher, or the KL to the reference model) and `entropy` (the policy's); not the
+    policy loss, which says nothing of progress (GSPO's is ~0 on-policy by construction). SFT and reward models:
+    `loss`, `acc`, `eval_loss`, `eval_acc`. A value stays shown until its metric is logged again, so the last
+    evaluation's stays between evaluations."""
 
-    KEYS = ("train/loss", "reward/mean", "eval/loss", "eval/accuracy")
+    # (shown name, metrics it shows, the first one logged wins)
+    RL = (("reward", ("reward/mean",)), ("acc", ("accuracy", "train/accuracy")), ("eval_acc", ("eval/accuracy",)),
+          ("kl", ("opd/reverse_kl", "train/kl")), ("entropy", ("train/entropy", "entropy")))
+    SUPERVISED = (("loss", ("train/loss",)), ("acc", ("train/accuracy",)), ("eval_loss", ("eval/loss",)),
+                  ("eval_acc", ("eval/accuracy",)))
 
     def __init__(self, desc: str):
-        self.desc, self.bar, self.shown = desc, None, {}
+        self.desc, self.bar, self.fields, self.shown = desc, None, None, {}
 
     def __call__(self, step: int, total: int, metrics: dict) -> None:
         from tqdm import tqdm
 
         if self.bar is None:
             self.bar = tqdm(total=total, initial=step - 1, desc=self.desc, unit="step", dynamic_ncols=True)
-        self.shown.update({k.split("/")[-1] if k != "eval/loss" else "eval_loss": f"{metrics[k]:.3g}"
-                           for k in self.KEYS if k in metrics})
-        self.bar.set_postfix(self.shown, refresh=False)
+        rl = any(k.startswith(("reward/", "opd/")) for k in metrics)
+        if rl or self.fields is None:
+            self.fields = self.RL if rl else self.SUPERVISED
+        for name, keys in self.fields:
+            value = next((metrics[k] for k in keys if isinstance(metrics.get(k), (int, float))), None)
+            if value is not None:
+                self.shown[name] = f"{value:.3g}"
+        self.bar.set_postfix({name: self.shown[name] for name, _ in self.fields if name in self.shown}, refresh=False)
         self.bar.update(step - self.bar.n)
 
     def close(self) -> None:

@@ -4,7 +4,8 @@ Both answer `compare(pairs)` with one `Judgment` per pair, so reward-model evalu
 treat every kind alike. Kinds: `LengthCritic` (the length-only baseline), `RuleCritic` (a rule-based reward
 from this package), `SequenceClassifierCritic` (a local reward model: ours with a scalar head, or any
 transformers `AutoModelForSequenceClassification`), `VLLMJudge` (a generative judge served by vLLM, asked
-in both orders). `make_critic(spec)` builds one from a command-line or recipe string."""
+in both orders). `make_critic(spec)` builds one from a command-line or recipe string; a judge's engine comes
+from the caller (`judge_engine`): rewards sits beside rollout and does not start engines itself."""
 
 from __future__ import annotations
 
@@ -224,10 +225,24 @@ def combine_orders(first: str | None, second: str | None) -> Judgment:
                     detail="" if seen else "unparsable in both orders")
 
 
+@dataclass(frozen=True)
+class GreedySampling:
+    """What a judge asks its engine for: one greedy completion of at most `max_tokens` tokens. The fields are
+    the ones an engine's `generate` reads (rollout's `SamplingConfig` has the same; rewards does not import
+    rollout, tests/test_architecture.py)."""
+
+    max_tokens: int
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+
+
 class VLLMJudge(Critic):
-    """A generative judge served by vLLM (any engine with `generate(prompt_ids, SamplingConfig, ...)`),
-    asked greedily with chosen first and again with chosen second. Agreeing orders decide; orders that
-    disagree are a tie (position bias); one unparsable order leaves the other's verdict."""
+    """A generative judge served by vLLM, asked greedily with chosen first and again with chosen second.
+    Agreeing orders decide; orders that disagree are a tie (position bias); one unparsable order leaves the
+    other's verdict. `engine`: any engine with `generate(prompt_ids, sampling, version, seed)` returning
+    samples with `prompt_index` and `response_ids` (`dspost.rollout.engine.VLLMEngine`), built by the caller."""
 
     pairwise = True
 
@@ -237,8 +252,6 @@ class VLLMJudge(Critic):
         self.unparsable = self.too_long = 0
 
     def _ask(self, prompts: list[str]) -> list[str | None]:
-        from dspost.rollout.engine import SamplingConfig
-
         ids = [list(self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True,
                                                        add_generation_prompt=True, return_dict=True)["input_ids"])
                if getattr(self.tokenizer, "chat_template", None) else list(self.tokenizer(p)["input_ids"])
@@ -246,8 +259,8 @@ class VLLMJudge(Critic):
         # A prompt longer than the engine takes is not judged (no judgment), never silently truncated.
         fits = [i for i, p in enumerate(ids) if self.max_prompt_tokens is None or len(p) <= self.max_prompt_tokens]
         self.too_long += len(ids) - len(fits)
-        sampling = SamplingConfig(n=1, temperature=0.0, max_tokens=self.max_tokens)
-        samples = self.engine.generate([ids[i] for i in fits], sampling, version=0, seed=0) if fits else []
+        samples = self.engine.generate([ids[i] for i in fits], GreedySampling(self.max_tokens), version=0, seed=0) \
+            if fits else []
         verdicts: list[str | None] = [None] * len(ids)
         for s in samples:
             verdicts[fits[s.prompt_index]] = parse_verdict(self.tokenizer.decode(s.response_ids, skip_special_tokens=True))
@@ -276,9 +289,13 @@ def parse_critic(spec: str) -> tuple[str, str]:
     return "model", spec
 
 
-def make_critic(spec: str, batch_size: int = 16, max_length: int = 1024, **options) -> Critic:
+EngineFactory = Callable[[str, int], object]  # (checkpoint directory, max_model_len) -> an engine
+
+
+def make_critic(spec: str, batch_size: int = 16, max_length: int = 1024, judge_engine: EngineFactory | None = None,
+                **options) -> Critic:
     """`length`; `rule:NAME` (a registered reward: math, format, code); `judge:DIR` (a generative judge
-    served by vLLM from that checkpoint); or a reward-model checkpoint directory."""
+    served from that checkpoint by the engine `judge_engine` builds); or a reward-model checkpoint directory."""
     kind, rest = parse_critic(spec)
     if kind == "length":
         return LengthCritic()
@@ -286,9 +303,12 @@ def make_critic(spec: str, batch_size: int = 16, max_length: int = 1024, **optio
         return RuleCritic(rest, options)
     if kind == "judge":
         from dspost.model import load_tokenizer
-        from dspost.rollout.engine import VLLMEngine
 
-        return VLLMJudge(VLLMEngine(rest, max_model_len=max_length + 64), load_tokenizer(rest), name=spec,
+        if judge_engine is None:
+            raise ValueError(f"critic {spec!r}: a judge needs an engine and none was given "
+                             "(make_critic(..., judge_engine=dspost.eval_rm.vllm_engine))")
+        # 64 tokens of room for the verdict (max_tokens 32) after the longest prompt judged.
+        return VLLMJudge(judge_engine(rest, max_length + 64), load_tokenizer(rest), name=spec,
                          max_prompt_tokens=max_length)
     if Path(spec).is_dir():
         if not (Path(spec) / "config.json").is_file():
