@@ -536,6 +536,7 @@ class PipelineRecipe(StageBase):
         return self
 
 
+StageRecipe = Union[SFTRecipe, GRPORecipe, OPDRecipe, RMRecipe, EvalRMRecipe]
 Recipe = Union[SFTRecipe, GRPORecipe, OPDRecipe, RMRecipe, EvalRMRecipe, PipelineRecipe]
 RECIPE_KINDS: dict[str, type[BaseModel]] = {
     "sft": SFTRecipe,

@@ -12,8 +12,8 @@ import json
 import re
 
 import torch
-from pydantic import BaseModel
 
+from dspost.config import MetaCriticSection, RewardsSection
 from dspost.rewards.critics import make_critic
 from dspost.rewards.meta_critic import PolicyState, apply_policy, assess, flat_metrics, load_reference
 
@@ -25,7 +25,7 @@ def is_critic(name: str) -> bool:
 
 
 class CriticTerm:
-    def __init__(self, name: str, weight: float, meta: BaseModel | None = None, log=None):
+    def __init__(self, name: str, weight: float, meta: MetaCriticSection | None = None, log=None):
         self.name, self.weight, self.meta, self.log = name, weight, meta, log
         # A metric-safe key: reward-model paths carry slashes, which would nest metric groups.
         self.key = "critic_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name[len(PREFIX):]).strip("_")[-40:]
@@ -59,7 +59,7 @@ class CriticTerm:
         self.raw.close()
 
 
-def critic_terms(rewards: BaseModel, log=None) -> list[CriticTerm]:
+def critic_terms(rewards: RewardsSection, log=None) -> list[CriticTerm]:
     names = [t.name for t in rewards.terms if is_critic(t.name)]
     meta = rewards.meta_critic
     watched = (meta.term or names[0]) if meta is not None else None

@@ -12,12 +12,11 @@ import math
 import time
 from pathlib import Path
 
-from pydantic import BaseModel
-
+from dspost.config import EvalRMRecipe
 from dspost.rundir import RunDir, write_text_atomic
 
 
-def load_eval_pairs(stage: BaseModel):
+def load_eval_pairs(stage: EvalRMRecipe):
     from dspost.data.pairs import load_pairs, read_pairs
 
     d = stage.data
@@ -36,7 +35,7 @@ def vllm_engine(path: str, max_model_len: int):
     return VLLMEngine(path, max_model_len=max_model_len)
 
 
-def run_eval_rm(stage: BaseModel, run: RunDir, model_path: Path | None = None, progress=None) -> Path:
+def run_eval_rm(stage: EvalRMRecipe, run: RunDir, model_path: Path | None = None, progress=None) -> Path:
     from tqdm import tqdm
 
     from dspost.rewards.critics import make_critic

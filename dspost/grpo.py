@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
 
 from dspost.algorithms import group_advantages
+from dspost.config import EvalSection, GRPORecipe, RewardsSection, RolloutSection, SyncSection
 from dspost.critic_rewards import critic_terms, is_critic
 from dspost.data.loading import Example, load_examples
 from dspost.data.packing import batch_indices
@@ -44,8 +44,7 @@ def timed(times: dict[str, float], phase: str):
     times[f"time/{phase}"] = time.perf_counter() - t
 
 
-def run_grpo(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> Path:
-    r, t, a = recipe.rollout, recipe.trainer, recipe.algorithm
+def run_grpo(recipe: GRPORecipe, run: RunDir, model_path: Path, progress=None) -> Path:
     train, held_out, bad = load_examples(recipe.data)
     with contextlib.ExitStack() as running:  # whatever happens, no actor, pool or scorer outlives the run
         ray, own_ray = start_ray(recipe.ray)
@@ -149,7 +148,7 @@ def fitting_prompts(tok, examples: list[Example], max_len: int, bad, offset: int
     return kept, ids
 
 
-def start_pools(recipe: BaseModel, serve_from: str, base_model: str, resume_from: str | None,
+def start_pools(recipe: GRPORecipe, serve_from: str, base_model: str, resume_from: str | None,
                 running: contextlib.ExitStack):
     """The rollout pool and the trainer actors, each stopped by `running` when the run ends."""
     import ray
@@ -205,7 +204,7 @@ def prompt_ids(tok, ex: Example) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------- phases
-def score(scorer: ScoringPool, samples: list[Sample], examples: list[Example], terms, cfg: BaseModel,
+def score(scorer: ScoringPool, samples: list[Sample], examples: list[Example], terms, cfg: RewardsSection,
           critics=(), step: int = 0):
     """Summed weighted rewards [N] and their metrics. A term whose `error` verdicts (rewards that could not be
     computed: a crashed scorer, no sandbox) exceed `rewards.max_error_fraction` stops the run: training on
@@ -252,7 +251,7 @@ def update(trainers: list, samples: list[Sample], adv: torch.Tensor, keep: torch
     return {k: sum(m[k] for m in results) / len(results) for k in results[0]}
 
 
-def sync(pool, trainers: list, cfg: BaseModel, version: int) -> float:
+def sync(pool, trainers: list, cfg: SyncSection, version: int) -> float:
     t = time.perf_counter()
     refs = actor_get(trainers[0].publish_weights.remote(cfg.transport, int(cfg.bucket_mb * 2**20)))
     pool.sync(refs, version)
@@ -287,7 +286,7 @@ def parity(engine: list[list[float]], trainer: list[list[float]], threshold: flo
     return {"sync/parity_mean_abs": mean, "sync/parity_max_abs": mx}
 
 
-def eval_decodings(e: BaseModel, r: BaseModel) -> dict[str, SamplingConfig]:
+def eval_decodings(e: EvalSection, r: RolloutSection) -> dict[str, SamplingConfig]:
     """The configured held-out decoding, plus greedy beside it when that one samples."""
     greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=r.max_tokens, stop=r.stop)
     if e.temperature == 0:
@@ -297,7 +296,7 @@ def eval_decodings(e: BaseModel, r: BaseModel) -> dict[str, SamplingConfig]:
             "eval/accuracy_greedy": greedy}
 
 
-def evaluate(pool, scorer, prompts, examples, decodings: dict[str, SamplingConfig], terms, cfg: BaseModel,
+def evaluate(pool, scorer, prompts, examples, decodings: dict[str, SamplingConfig], terms, cfg: RewardsSection,
              seed, step: int) -> dict[str, float]:
     """Held-out math accuracy under each named decoding (mean correctness over all samples)."""
     math_target = next((tg for tg, _, name, _ in terms if name == "math"), resolve("math"))

@@ -10,8 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel
-
+from dspost.config import ModelSection, Recipe, StageRecipe
 from dspost.recipe import RecipeError, stages_of
 
 
@@ -44,7 +43,7 @@ class Plan:
         return any(a.ray for a in self.actors)
 
 
-def model_source(model: BaseModel) -> str:
+def model_source(model: ModelSection) -> str:
     if model.from_stage:
         return f"final checkpoint of stage {model.from_stage!r}"
     if model.path:
@@ -52,7 +51,7 @@ def model_source(model: BaseModel) -> str:
     return f"preset {model.preset}" + (" (SFT warm start)" if model.warm_start else " (random init)")
 
 
-def _trainers(stage: BaseModel, holds: str) -> list[Actor]:
+def _trainers(stage: StageRecipe, holds: str) -> list[Actor]:
     t = stage.trainer
     in_process = t.num_workers == 1
     return [
@@ -61,7 +60,7 @@ def _trainers(stage: BaseModel, holds: str) -> list[Actor]:
     ]
 
 
-def _plan_stage(name: str, stage: BaseModel) -> Plan:
+def _plan_stage(name: str, stage: StageRecipe) -> Plan:
     plan = Plan(stage=name, kind=stage.kind)
     if stage.kind == "eval_rm":
         holds = f"critic {stage.critic}" + (" (an in-process vLLM engine)" if stage.critic.startswith("judge:") else "")
@@ -90,7 +89,7 @@ def _plan_stage(name: str, stage: BaseModel) -> Plan:
     return plan
 
 
-def build_plans(recipe: BaseModel) -> list[Plan]:
+def build_plans(recipe: Recipe) -> list[Plan]:
     return [_plan_stage(prefix.rstrip(".") or (stage.name or "run"), stage) for prefix, stage in stages_of(recipe)]
 
 
@@ -102,11 +101,11 @@ def local_gpu_count() -> int:
     return len(list(gpus.iterdir())) if gpus.is_dir() else 0
 
 
-def ray_address(stage: BaseModel) -> str | None:
+def ray_address(stage: StageRecipe) -> str | None:
     return stage.ray.address or os.environ.get("RAY_ADDRESS")
 
 
-def check_plan(recipe: BaseModel) -> list[Plan]:
+def check_plan(recipe: Recipe) -> list[Plan]:
     """Build the plans and refuse any that cannot run here (local cluster or in-process)."""
     plans = build_plans(recipe)
     for (prefix, stage), plan in zip(stages_of(recipe), plans):

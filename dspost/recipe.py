@@ -16,14 +16,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from dspost.config import RECIPE_KINDS, PipelineRecipe
+from dspost.config import RECIPE_KINDS, PipelineRecipe, Recipe, RewardTerm, StageRecipe
 
 
 class RecipeError(ValueError):
     """Bad input in a recipe or on the command line; the message is the one line shown to the user."""
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] = (), max_steps: int | None = None) -> BaseModel:
+def load_recipe(path: str | os.PathLike, overrides: list[str] = (), max_steps: int | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
@@ -53,7 +53,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), max_steps: i
     return recipe
 
 
-def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> BaseModel:
+def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     kind = raw.get("kind")
     if kind not in RECIPE_KINDS:
         raise RecipeError(f"{source}: kind: must be one of {sorted(RECIPE_KINDS)}, got {kind!r}")
@@ -127,14 +127,14 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = parsed
 
 
-def stages_of(recipe: BaseModel) -> list[tuple[str, BaseModel]]:
+def stages_of(recipe: Recipe) -> list[tuple[str, StageRecipe]]:
     """(dotted prefix, stage) for every runnable stage of the recipe."""
     if isinstance(recipe, PipelineRecipe):
         return [(f"stages.{i}.", s) for i, s in enumerate(recipe.stages)]
     return [("", recipe)]
 
 
-def _cap_steps(recipe: BaseModel, max_steps: int) -> None:
+def _cap_steps(recipe: Recipe, max_steps: int) -> None:
     if max_steps < 1:
         raise RecipeError(f"--max-steps: must be at least 1, got {max_steps}")
     for _, stage in stages_of(recipe):
@@ -185,7 +185,7 @@ def _data_problem(path: str) -> str | None:
             f"{_SAVED_DATASET_DICT}); name a JSONL/JSON/Parquet/CSV file, or write the dataset with `save_to_disk`")
 
 
-def check_paths(recipe: BaseModel) -> None:
+def check_paths(recipe: Recipe) -> None:
     """Every file or directory a recipe names must exist, and be of the kind it names, before anything starts.
 
     Paths are relative to the working directory, as on any command line."""
@@ -221,7 +221,7 @@ def check_paths(recipe: BaseModel) -> None:
                     raise RecipeError(f"{prefix}critic: unknown rule {rest!r} (registered: {sorted(REWARDS)})")
 
 
-def check_runnable(recipe: BaseModel) -> None:
+def check_runnable(recipe: Recipe) -> None:
     """Every stage's kind has a runner: a pipeline never spends its first stages' compute and then stops at a
     later stage's start."""
     from dspost.runner import STAGE_RUNNERS
@@ -232,7 +232,7 @@ def check_runnable(recipe: BaseModel) -> None:
                               f"(available: {', '.join(sorted(STAGE_RUNNERS))})")
 
 
-def check_rewards(recipe: BaseModel) -> None:
+def check_rewards(recipe: Recipe) -> None:
     """Resolve every reward term now, as the run would after starting Ray, vLLM and the trainer.
 
     A built-in name or a `pkg.module:function` must import (the user's module is imported here, in the CLI
@@ -247,7 +247,7 @@ def check_rewards(recipe: BaseModel) -> None:
                 raise RecipeError(f"{where}.{problem}")
 
 
-def _reward_problem(term: BaseModel) -> str | None:
+def _reward_problem(term: RewardTerm) -> str | None:
     """`name: ...` or `options: ...` when the term's function cannot be imported or called with its options."""
     from dspost.rewards.registry import REWARDS, resolve
 
@@ -275,7 +275,7 @@ def _reward_problem(term: BaseModel) -> str | None:
     return None
 
 
-def _critic_problem(term: BaseModel) -> str | None:
+def _critic_problem(term: RewardTerm) -> str | None:
     from dspost.rewards.critics import parse_critic
     from dspost.rewards.registry import REWARDS
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
 
+from dspost.config import RMRecipe
 from dspost.data.loading import BadRows
+from dspost.data.packing import batch_indices
 from dspost.model.quant import apply_training_precision
 from dspost.rundir import RunDir
-from dspost.data.packing import batch_indices
 from dspost.training import Optimizer, check_finite, compile_if_asked, save_checkpoint, torch_dtype
 
 
@@ -68,7 +68,7 @@ def _unwrap(rm):
     return rm.get_base_model() if hasattr(rm, "get_base_model") else rm
 
 
-def run_rm(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> Path:
+def run_rm(recipe: RMRecipe, run: RunDir, model_path: Path, progress=None) -> Path:
     from dspost.data.pairs import load_pairs
     from dspost.model import load_tokenizer
     from dspost.model.reward_model import load_reward_model

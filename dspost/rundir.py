@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
+
+from dspost.config import StageRecipe
 
 
 class RunDirError(ValueError):
@@ -63,7 +64,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 class RunDir:
-    def __init__(self, root: str | os.PathLike, recipe: BaseModel | None = None):
+    def __init__(self, root: str | os.PathLike, recipe: StageRecipe | None = None):
         """Open (or create) the run directory `root`; with `recipe`, prepare it for that recipe's run: the
         checkpoint to resume from (`resume_from`), the recipe checked and stored, the metrics cut back to it."""
         from dspost.model.checkpoint import clean_stale_temporaries
@@ -87,7 +88,7 @@ class RunDir:
         if recipe is not None:
             self.resume_from = self._prepare(recipe)
 
-    def _prepare(self, recipe: BaseModel) -> Path | None:
+    def _prepare(self, recipe: StageRecipe) -> Path | None:
         config = self.root / "config.yaml"
         resolved = recipe.model_dump(mode="json")
         latest = self.root / "checkpoints" / "latest"

@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import BaseModel
-
-from dspost.config import ModelSection
+from dspost.config import EvalRMRecipe, GRPORecipe, ModelSection, Recipe, RMRecipe, SFTRecipe, StageRecipe
 from dspost.plots import plot_run
 from dspost.recipe import stages_of
 from dspost.rundir import RunDir, default_output_dir
@@ -50,35 +48,35 @@ class Progress:
             self.bar.close()
 
 
-def _sft(stage: BaseModel, run: RunDir, model_path: Path, progress: Progress) -> Path:
+def _sft(stage: SFTRecipe, run: RunDir, model_path: Path, progress: Progress) -> Path:
     from dspost.sft import run_sft
 
     return run_sft(stage, run, model_path, progress)
 
 
-def _grpo(stage: BaseModel, run: RunDir, model_path: Path, progress: Progress) -> Path:
+def _grpo(stage: GRPORecipe, run: RunDir, model_path: Path, progress: Progress) -> Path:
     from dspost.grpo import run_grpo
 
     return run_grpo(stage, run, model_path, progress)
 
 
-def _rm(stage: BaseModel, run: RunDir, model_path: Path, progress: Progress) -> Path:
+def _rm(stage: RMRecipe, run: RunDir, model_path: Path, progress: Progress) -> Path:
     from dspost.rm import run_rm
 
     return run_rm(stage, run, model_path, progress)
 
 
-def _eval_rm(stage: BaseModel, run: RunDir, model_path: Path | None, progress: Progress) -> Path:
+def _eval_rm(stage: EvalRMRecipe, run: RunDir, model_path: Path | None, progress: Progress) -> Path:
     from dspost.eval_rm import run_eval_rm
 
     return run_eval_rm(stage, run, model_path, progress)
 
 
-STAGE_RUNNERS: dict[str, Callable[[BaseModel, RunDir, Path, Progress], Path]] = {
+STAGE_RUNNERS: dict[str, Callable[[StageRecipe, RunDir, Path, Progress], Path]] = {
     "sft": _sft, "grpo": _grpo, "rm": _rm, "eval_rm": _eval_rm}
 
 
-def run_stage(stage: BaseModel, stage_outputs: dict[str, Path] | None = None, log=print) -> Path:
+def run_stage(stage: StageRecipe, stage_outputs: dict[str, Path] | None = None, log=print) -> Path:
     """Run one stage into its run directory and return its final checkpoint."""
     runner = STAGE_RUNNERS[stage.kind]  # `check_runnable` refused other kinds when the recipe was loaded
     model_path = start_from(stage.model, stage_outputs, log) if hasattr(stage, "model") else None
@@ -109,7 +107,7 @@ def start_from(section: ModelSection, stage_outputs: dict[str, Path] | None, log
     return path
 
 
-def run_recipe(recipe: BaseModel, log=print) -> dict[str, Path]:
+def run_recipe(recipe: Recipe, log=print) -> dict[str, Path]:
     outputs: dict[str, Path] = {}
     stages = stages_of(recipe)
     for i, (prefix, stage) in enumerate(stages):

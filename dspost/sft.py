@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
 
+from dspost.config import SFTRecipe
 from dspost.data.loading import BadRows, Example
 from dspost.data.packing import Tokenized, batch_indices, collate, collate_packed, one_row, pack
 from dspost.distributed import all_reduce_mean, group_url, init_group, shutdown_group, start_ray
@@ -113,7 +112,7 @@ class SFTWorker:
     group, gradients and router load summed over it, so they train exactly like one worker accumulating
     their micro-batches."""
 
-    def __init__(self, recipe: BaseModel, model_path: str, rank: int = 0, world: int = 1, dist_url: str | None = None,
+    def __init__(self, recipe: SFTRecipe, model_path: str, rank: int = 0, world: int = 1, dist_url: str | None = None,
                  resume_from: str | None = None):
         self.args = (recipe, model_path, dist_url, resume_from)
         self.t, self.rank, self.world = recipe.trainer, rank, world
@@ -235,7 +234,7 @@ class SFTWorker:
 class Workers:
     """The SFT workers: one in this process (no Ray), or `trainer.num_workers` Ray actors."""
 
-    def __init__(self, recipe: BaseModel, model_path: Path, resume_from: Path | None):
+    def __init__(self, recipe: SFTRecipe, model_path: Path, resume_from: Path | None):
         t = recipe.trainer
         resume = str(resume_from) if resume_from else None
         self.ray = None
@@ -275,7 +274,7 @@ class Workers:
                 self.ray.shutdown()
 
 
-def run_sft(recipe: BaseModel, run: RunDir, model_path: Path, progress=None) -> Path:
+def run_sft(recipe: SFTRecipe, run: RunDir, model_path: Path, progress=None) -> Path:
     t = recipe.trainer
     resume_from = run.resume_from
     workers = Workers(recipe, model_path, resume_from)

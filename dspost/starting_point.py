@@ -10,9 +10,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from pydantic import BaseModel
-
-from dspost.config import ModelSection
+from dspost.config import ModelSection, SFTRecipe
 
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 WARM_START_RECIPE = REPO_RECIPES / "sft_tiny_math.yaml"
@@ -46,7 +44,7 @@ def tiny_math_init() -> Path:
     return path
 
 
-def warm_start() -> tuple[BaseModel, Path]:
+def warm_start() -> tuple[SFTRecipe, Path]:
     """The warm-start recipe (run into its cache directory, resuming) and the checkpoint it ends with. Only its
     last step's checkpoint is the warm start: a run killed after an earlier save resumes from that save."""
     from dspost.recipe import load_recipe

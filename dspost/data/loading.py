@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from pydantic import BaseModel
-
+from dspost.config import DataSection
 from dspost.data import synthetic_math
 
 FORMAT_COLUMNS = {
@@ -452,7 +451,7 @@ def last_boxed(text: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ load
-def load_examples(data: BaseModel) -> tuple[list[Example], list[Example], BadRows]:
+def load_examples(data: DataSection) -> tuple[list[Example], list[Example], BadRows]:
     """(train, held-out, bad-row report) for a recipe's `data` section. Held out: all of `eval_path`, else the
     last min(num_eval, 10% of the usable rows, at least 1) usable rows of `path`."""
     if data.path is None:

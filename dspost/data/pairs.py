@@ -17,8 +17,7 @@ import random
 import re
 from typing import Any
 
-from pydantic import BaseModel
-
+from dspost.config import DataSection
 from dspost.data import synthetic_math
 from dspost.data.loading import BadRow, BadRows, DataError, Table, read_file, split, text
 from dspost.rewards.critics import Pair
@@ -141,7 +140,7 @@ def synthetic_pairs(problems: list[synthetic_math.Problem], seed: int, start: in
     return out
 
 
-def load_pairs(data: BaseModel) -> tuple[list[Pair], list[Pair], BadRows]:
+def load_pairs(data: DataSection) -> tuple[list[Pair], list[Pair], BadRows]:
     """(train, held-out, bad rows) of a recipe's `data` section, split as examples are (`loading.split`):
     held out is all of `eval_path`, else the last min(num_eval, 10% of the usable pairs, at least 1) pairs of
     `path`. The format is decided on `path`; the rows of `eval_path` are numbered after all of `path`'s."""

@@ -7,7 +7,7 @@ import torch
 
 from dspost.algorithms import (ADVANTAGES, LOSSES, LossInputs, group_centred, group_normalised,
                                informative_groups, kl_k1, kl_k2, kl_k3, overlong_penalty, policy_loss)
-from dspost.config import AlgorithmSection, TrainerSection
+from dspost.config import AlgorithmSection
 
 
 def test_advantages():

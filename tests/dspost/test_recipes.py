@@ -1,6 +1,5 @@
 """Malformed recipes: one stderr line naming the field or path, exit code 2, nothing started."""
 
-import textwrap
 from pathlib import Path
 
 import pytest

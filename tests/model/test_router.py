@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from dspost.model import DeepseekV3, ModelArgs, mtp_horizon_weights
-from dspost.model.deepseek_v3 import Gate, MoE, sequence_balance_loss, swiglu
+from dspost.model import mtp_horizon_weights
+from dspost.model.deepseek_v3 import Gate, sequence_balance_loss, swiglu
 from tests.model.conftest import random_model, small_args
 
 
