@@ -76,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(recipe) -> int:
     from dspost.data.loading import DataError
-    from dspost.grpo import ParityError, RewardError
+    from dspost.rl import ParityError, RewardError
     from dspost.model import CheckpointError
     from dspost.rollout.sync import SyncError
     from dspost.runner import run_recipe

@@ -87,9 +87,9 @@ LOSS_TABLE = '"grpo": grpo_loss, "dr_grpo": dr_grpo_loss, "dapo": dapo_loss, "gs
 
 MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- GRPO end to end (tests: the lead's)
-    Mutant("grpo-weight-sync-noop", "dspost/grpo.py", "pool.sync(refs, version)", "None",
+    Mutant("grpo-weight-sync-noop", "dspost/rl.py", "self.pool.sync(refs, step + 1)", "None",
            (PENDING["grpo_weights_move"],), "run_grpo's weight sync does nothing"),
-    Mutant("check-parity-never-raises", "dspost/grpo.py", "if mx > threshold:", "if False:",
+    Mutant("check-parity-never-raises", "dspost/rl.py", "if not mx <= threshold:", "if False:",
            (PENDING["grpo_noop_sync_raises"],), "check_parity never raises ParityError"),
     Mutant("grpo-resume-drops-optimizer-state", "dspost/trainer_worker.py",
            'self.step = load_training_state(Path(resume_from), self.opt)["opt_steps"] if resume_from else 0',

@@ -106,9 +106,13 @@ def test_grpo_moves_the_weights_the_engine_serves_them_and_resume_repeats_the_ru
 
 
 def test_a_sync_that_does_not_reach_the_engine_stops_the_run(cluster, policy, tmp_path, monkeypatch, capsys):
-    import dspost.grpo
+    from dspost.rl import RLSession
 
-    monkeypatch.setattr(dspost.grpo, "sync", lambda *args, **kwargs: 0.0)  # the engine keeps the old weights
+    def probe_without_pushing(self, step):  # the engine keeps the old weights
+        self.parity = self.prober.check(self.pool, self.trainers[0])
+        return dict(self.parity)
+
+    monkeypatch.setattr(RLSession, "sync", probe_without_pushing)
     out = tmp_path / "run"
     assert main(["run", "recipes/grpo_math.yaml", f"model.path={policy}", f"output_dir={out}", *SMALL,
                  "--max-steps", "1"]) == 1

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from dspost.cli import main
-from dspost.config import GRPORecipe, ModelSection, RewardsSection, TrainerSection
+from dspost.config import GRPORecipe, ModelSection, RewardsSection, RewardTerm, TrainerSection
 from dspost.data.loading import BadRows, Example
-from dspost.grpo import ParityError, RewardError, fitting_prompts, parity, score
+from dspost.reward_terms import RuleTerm
+from dspost.rl import ParityError, RewardError, fitting_prompts, parity, score
 from dspost.rewards import ScoringPool
 from dspost.rollout.engine import Sample
 from dspost.rundir import read_metrics
@@ -29,12 +30,13 @@ def test_a_non_finite_parity_difference_fails(bad):
 def test_reward_errors_beyond_the_limit_stop_the_run():
     samples = [Sample(0, [1], [2], [-1.0], "stop", 0, text=t) for t in ("a", "xa", "b", "xb")]
     examples = [Example([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "1")] * 4
-    terms = [("flaky_reward:scorer_breaks_on_x", 1.0, "flaky", {})]
+    name = "flaky_reward:scorer_breaks_on_x"
     with ScoringPool(1) as pool:
-        rewards, metrics = score(pool, samples, examples, terms, RewardsSection(max_error_fraction=0.5, timeout=60), step=3)
-        assert rewards.tolist() == [1.0, 0.0, 1.0, 0.0] and metrics["reward/flaky/error"] == 2
-        with pytest.raises(RewardError, match=r"step 3: reward term 'flaky' could not score 2/4 samples.*the scorer broke"):
-            score(pool, samples, examples, terms, RewardsSection(max_error_fraction=0.25, timeout=60), step=3)
+        terms = [RuleTerm(RewardTerm(name=name), pool, timeout=60)]
+        rewards, metrics = score(terms, samples, examples, RewardsSection(max_error_fraction=0.5), step=3)
+        assert rewards.tolist() == [1.0, 0.0, 1.0, 0.0] and metrics[f"reward/{name}/error"] == 2
+        with pytest.raises(RewardError, match=r"step 3: reward term '.*' could not score 2/4 samples.*the scorer broke"):
+            score(terms, samples, examples, RewardsSection(max_error_fraction=0.25), step=3)
 
 
 def test_prompts_longer_than_the_engine_allows_are_counted_bad_rows():

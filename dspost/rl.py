@@ -1,0 +1,339 @@
+"""What every RL stage runs on: the rollout pool and the trainer actors on Ray, the prompts, the reward terms, the
+parity probe, held-out evaluation and checkpoints. GRPO (`dspost/grpo.py`) and on-policy distillation
+(`dspost/opd.py`) are each one loop over these phases; neither copies them.
+
+    with rl_session(recipe, run, model_path) as rl:      # pools up; everything torn down whatever happens
+        for step in rl.steps():
+            samples, examples = rl.generate(step)          # vLLM rollout actors
+            ...                                            # the stage's own signal: rewards, teacher scores
+            train = rl.update(samples, advantages, step)   # trainer actors
+            sync = rl.sync(step)                           # weights into every engine + parity probe
+            rl.end_step(step, metrics, times)              # eval every eval_every, save every save_every, log
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dspost.config import EvalSection, GRPORecipe, RewardsSection, RolloutSection
+from dspost.data.loading import BadRows, Example, load_examples
+from dspost.data.packing import batch_indices
+from dspost.distributed import group_url, start_ray
+from dspost.reward_terms import CriticTerm, RuleTerm, reward_terms
+from dspost.rewards import ScoringPool
+from dspost.rollout.engine import Sample, SamplingConfig
+from dspost.rundir import RunDir
+from dspost.trainer_worker import RolloutBatch, TrainerWorker
+
+
+class ParityError(RuntimeError):
+    pass
+
+
+class RewardError(RuntimeError):
+    """More of a step's rewards could not be computed than `rewards.max_error_fraction` allows."""
+
+
+@contextlib.contextmanager
+def timed(times: dict[str, float], phase: str):
+    t = time.perf_counter()
+    yield
+    times[f"time/{phase}"] = time.perf_counter() - t
+
+
+def actor_get(refs):
+    """`ray.get`, raising an actor's own error (a non-finite loss, bad input) as itself rather than wrapped."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        raise e.cause from None
+
+
+@dataclass
+class RLSession:
+    """One RL stage's running state. Built by `rl_session`; the phases are its methods."""
+
+    recipe: GRPORecipe
+    run: RunDir
+    pool: object  # dspost.rollout.pool.RolloutPool
+    trainers: list
+    terms: list[RuleTerm | CriticTerm]
+    train: list[Example]  # training prompts' examples, and their token ids
+    prompts: list[list[int]]
+    held_out: list[Example]
+    eval_prompts: list[list[int]]
+    prober: ParityProbe
+    start: int  # the first step to run (after the resumed checkpoint's)
+    final: Path | None = None  # the newest checkpoint
+    parity: dict[str, float] = field(default_factory=dict)
+
+    def steps(self) -> range:
+        return range(self.start, self.recipe.trainer.max_steps)
+
+    # ------------------------------------------------------------------------------------------- phases
+    def generate(self, step: int) -> tuple[list[Sample], list[Example]]:
+        """`rollout.prompts_per_step` prompts x `rollout.n` samples, drawn as a function of (seed, step)."""
+        r, t = self.recipe.rollout, self.recipe.trainer
+        idx = batch_indices(len(self.prompts), r.prompts_per_step, step, t.seed)
+        sampling = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, stop=r.stop)
+        samples = self.pool.generate([self.prompts[i] for i in idx], sampling, seed=t.seed * 1_000_003 + step * 10_007)
+        return samples, [self.train[idx[s.prompt_index]] for s in samples]
+
+    def score(self, samples: list[Sample], examples: list[Example], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The summed weighted rewards of the recipe's terms [N] and their metrics, the meta-critic's included."""
+        meta = {k: v for term in self.terms for k, v in term.check(step).items()}
+        rewards, metrics = score(self.terms, samples, examples, self.recipe.rewards, step + 1)
+        return rewards, {**metrics, **meta}
+
+    def update(self, samples: list[Sample], advantages: torch.Tensor, keep: torch.Tensor, step: int,
+               **per_sample) -> dict[str, float]:
+        """The kept samples' update on the trainer pool, shared round-robin over its ranks; `per_sample` lists
+        (e.g. teacher logprobs) travel with their samples."""
+        chosen = [i for i in range(len(samples)) if keep[i]]
+        if not chosen:
+            return {"train/skipped": 1.0}
+        n = len(self.trainers)
+        shards = [chosen[k::n] for k in range(n)]
+        refs = [w.train_step.remote(RolloutBatch([samples[i].prompt_ids for i in sh], [samples[i].response_ids for i in sh],
+                                                 [samples[i].logprobs for i in sh], [float(advantages[i]) for i in sh],
+                                                 **{k: [v[i] for i in sh] for k, v in per_sample.items()}), step + 1)
+                for w, sh in zip(self.trainers, shards)]
+        results = actor_get(refs)
+        return {k: sum(m[k] for m in results) / len(results) for k in results[0]}
+
+    def sync(self, step: int) -> dict[str, float]:
+        """The trainer's weights into every engine, then (every `sync.parity_every` syncs) the parity probe."""
+        cfg = self.recipe.sync
+        t = time.perf_counter()
+        refs = actor_get(self.trainers[0].publish_weights.remote(cfg.transport, int(cfg.bucket_mb * 2**20)))
+        self.pool.sync(refs, step + 1)
+        metrics = {"sync/seconds": time.perf_counter() - t}
+        if (step + 1) % cfg.parity_every == 0:
+            self.parity = self.prober.check(self.pool, self.trainers[0])
+        return {**metrics, **self.parity}
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out accuracy under the recipe's decodings (see `evaluate`)."""
+        return evaluate(self.pool, self.eval_prompts, self.held_out, eval_decodings(self.recipe.eval, self.recipe.rollout),
+                        self.terms, self.recipe.rewards, self.recipe.trainer.seed, step)
+
+    def end_step(self, step: int, metrics: dict[str, float], times: dict[str, float], progress=None) -> None:
+        """Evaluate and save when due, then log the step's metrics and its phases' times."""
+        t, n = self.recipe.trainer, step + 1
+        if n % t.eval_every == 0 or n == t.max_steps:
+            with timed(times, "eval"):
+                metrics.update(self.evaluate(n))
+        if n % t.save_every == 0 or n == t.max_steps:
+            with timed(times, "save"):
+                self.final = self.save(n)
+        metrics.update(times)
+        metrics["time/step"] = sum(v for k, v in times.items() if k.startswith("time/"))
+        self.run.log_metrics(n, metrics)
+        if progress is not None:
+            progress(n, t.max_steps, metrics)
+
+    def save(self, step: int) -> Path:
+        path = self.run.checkpoint_path(step)
+        actor_get(self.trainers[0].save.remote(str(path), step))
+        self.run.mark_latest(step)
+        return path
+
+
+@contextlib.contextmanager
+def rl_session(recipe: GRPORecipe, run: RunDir, model_path: Path) -> Iterator[RLSession]:
+    """Start the pools, load and fit the prompts, set up the reward terms and the probe, and (on a fresh run)
+    evaluate step 0; on exit, whatever happened, no actor, engine, scorer or critic outlives the run."""
+    train, held_out, bad = load_examples(recipe.data)
+    with contextlib.ExitStack() as running:
+        ray, own_ray = start_ray(recipe.ray)
+        if own_ray:
+            running.callback(ray.shutdown)
+        resume_from = run.resume_from
+        start = int(resume_from.name.split("_")[1]) if resume_from else 0
+        pool, trainers = start_pools(recipe, str(resume_from or model_path), str(model_path),
+                                     str(resume_from) if resume_from else None, running)
+        run.log.info("placement: %s", placement(pool, trainers))
+        tok = pool_tokenizer(model_path)
+        n_train = len(train)
+        train, prompts = fitting_prompts(tok, train, recipe.data.max_seq_len, bad, 0)
+        held_out, eval_prompts = fitting_prompts(tok, held_out, recipe.data.max_seq_len, bad, n_train)
+        bad.check(recipe.data.max_bad_fraction, recipe.data.path or "synthetic data")
+        run.log.info("data: %d prompts, %d held out; bad rows: %s", len(prompts), len(eval_prompts), bad.summary())
+        engine_len = recipe.data.max_seq_len + recipe.rollout.max_tokens
+        probe = [(p + tok(ex.messages[-1]["content"])["input_ids"])[:engine_len]
+                 for p, ex in zip(eval_prompts, held_out[:4])]
+        scorer = running.enter_context(ScoringPool(recipe.rewards.num_workers))
+        terms = reward_terms(recipe.rewards, scorer, run.log)
+        for term in terms:
+            running.callback(term.close)
+        run.resumed(resume_from, start)
+        rl = RLSession(recipe, run, pool, trainers, terms, train, prompts, held_out, eval_prompts,
+                       ParityProbe(probe, recipe.sync.parity_threshold), start, resume_from)
+        rl.parity = rl.prober.check(pool, trainers[0])
+        if start == 0:
+            run.log_metrics(0, {**rl.evaluate(0), **rl.parity})
+        yield rl
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def start_pools(recipe: GRPORecipe, serve_from: str, base_model: str, resume_from: str | None,
+                running: contextlib.ExitStack):
+    """The rollout pool and the trainer actors, each stopped by `running` when the run ends."""
+    import ray
+
+    from dspost.rollout.pool import RolloutPool, WorkerSpec
+
+    r, t = recipe.rollout, recipe.trainer
+    if recipe.sync.quantize != "none":  # the engines start as FP8 servers, in the format the syncs will send
+        serve_from = quantized_copy(serve_from, recipe.sync.quantize, Path(recipe.output_dir) / "rollout_weights")
+    engine_kwargs = {"dtype": recipe.model.dtype, "memory_fraction": r.memory_fraction,
+                     "max_model_len": recipe.data.max_seq_len + r.max_tokens, "enforce_eager": r.enforce_eager,
+                     "seed": t.seed, "kv_cache_gb": r.kv_cache_gb,
+                     "weight_transfer": "nccl" if recipe.sync.transport == "nccl" else None}
+    pool = RolloutPool(r.num_workers, serve_from,
+                       WorkerSpec(r.num_cpus_per_worker, r.num_gpus_per_worker, r.num_threads, r.resources), engine_kwargs)
+    running.callback(pool.shutdown)
+    env = {"OMP_NUM_THREADS": str(t.num_threads)} if t.num_threads else {}
+    actor = ray.remote(TrainerWorker).options(num_cpus=t.num_cpus_per_worker, num_gpus=t.num_gpus_per_worker,
+                                              resources=t.resources or None, runtime_env={"env_vars": env})
+    url = group_url() if t.num_workers > 1 else None
+    trainers = [actor.remote(recipe, base_model, rank, t.num_workers, url, resume_from) for rank in range(t.num_workers)]
+    running.callback(lambda: [ray.kill(w) for w in trainers])
+    ray.get([w.ready.remote() for w in trainers])
+    if recipe.sync.transport == "nccl":
+        ray.get(trainers[0].connect_weight_transfer.remote(pool.workers, int(recipe.sync.bucket_mb * 2**20)))
+    return pool, trainers
+
+
+def quantized_copy(path: str, fmt: str, out: Path) -> str:
+    from dspost.model import from_pretrained, load_tokenizer, save_pretrained
+
+    save_pretrained(from_pretrained(path), out, tokenizer=load_tokenizer(path), quantization=fmt)
+    return str(out)
+
+
+def placement(pool, trainers) -> str:
+    import ray
+
+    nodes = [f"rollout[{i}]@{n}" for i, n in enumerate(pool.nodes())]
+    nodes += [f"trainer[{i}]@{n}" for i, n in enumerate(ray.get([w.node.remote() for w in trainers]))]
+    return " ".join(nodes)
+
+
+def pool_tokenizer(path: Path):
+    from dspost.model import load_tokenizer
+
+    return load_tokenizer(str(path))
+
+
+def prompt_ids(tok, ex: Example) -> list[int]:
+    return list(tok.apply_chat_template(ex.messages[:-1], tokenize=True, add_generation_prompt=True,
+                                        return_dict=True)["input_ids"])
+
+
+def fitting_prompts(tok, examples: list[Example], max_len: int, bad: BadRows,
+                    offset: int) -> tuple[list[Example], list[list[int]]]:
+    """The examples whose prompt fits `data.max_seq_len` tokens (the engine serves max_seq_len + max_tokens) and
+    their token ids; longer ones are counted as bad rows instead of failing the engine mid-run."""
+    kept, ids = [], []
+    for i, ex in enumerate(examples):
+        p = prompt_ids(tok, ex)
+        if len(p) > max_len:
+            bad.add(ex.row if ex.row is not None else offset + i, f"prompt longer than data.max_seq_len={max_len} tokens")
+            continue
+        kept.append(ex)
+        ids.append(p)
+    return kept, ids
+
+
+# ------------------------------------------------------------------------------------- rewards and eval
+def score(terms: list[RuleTerm | CriticTerm], samples: list[Sample], examples: list[Example], cfg: RewardsSection,
+          step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """Summed weighted rewards [N] and their metrics. A term that could not score more than
+    `rewards.max_error_fraction` of the samples (a crashed scorer, no sandbox, a failed critic) stops the run:
+    training on the zeros it gives them would teach the policy nothing true."""
+    rewards = torch.zeros(len(samples))
+    metrics: dict[str, float] = {}
+    for term in terms:
+        scores = term.score(samples, examples)
+        check_errors(step, term.name, scores.errors, len(samples), cfg.max_error_fraction, scores.first_error)
+        rewards += scores.values
+        metrics.update(scores.metrics)
+    metrics["reward/mean"], metrics["reward/std"] = float(rewards.mean()), float(rewards.std())
+    verifier = next((term for term in terms if isinstance(term, RuleTerm)), None)
+    if verifier is not None:  # the rollouts the first rule reward grades correct
+        metrics["train/accuracy"] = metrics[f"reward/{verifier.key}/correct"] / len(samples)
+    return rewards, metrics
+
+
+def check_errors(step: int, term: str, errors: int, total: int, limit: float, first: str) -> None:
+    if total and errors / total > limit:
+        raise RewardError(f"step {step}: reward term {term!r} could not score {errors}/{total} samples (limit "
+                          f"rewards.max_error_fraction={limit:g}); first: {first[:200]}")
+
+
+def eval_decodings(e: EvalSection, r: RolloutSection) -> dict[str, SamplingConfig]:
+    """The configured held-out decoding, plus greedy beside it when that one samples."""
+    greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=r.max_tokens, stop=r.stop)
+    if e.temperature == 0:
+        return {"eval/accuracy": greedy}
+    return {"eval/accuracy": SamplingConfig(n=e.n, temperature=e.temperature, top_p=e.top_p,
+                                            max_tokens=r.max_tokens, stop=r.stop),
+            "eval/accuracy_greedy": greedy}
+
+
+def evaluate(pool, prompts: list[list[int]], examples: list[Example], decodings: dict[str, SamplingConfig],
+             terms: list[RuleTerm | CriticTerm], cfg: RewardsSection, seed: int, step: int) -> dict[str, float]:
+    """Held-out accuracy under each named decoding: the fraction of samples the first rule reward (the task's
+    verifier: math, code, ...) grades correct. With critics only, the mean summed reward (`eval/reward...`)."""
+    verifier = next((term for term in terms if isinstance(term, RuleTerm)), None)
+    out = {}
+    for key, decoding in decodings.items():
+        samples = pool.generate(prompts, decoding, seed=seed)
+        held_out = [examples[s.prompt_index] for s in samples]
+        if verifier is None:
+            out[key.replace("accuracy", "reward")] = float(score(terms, samples, held_out, cfg, step)[0].mean())
+            continue
+        verdicts = verifier.verdicts(samples, held_out)
+        errors = [v for v in verdicts if v.status == "error"]
+        check_errors(step, f"{verifier.name} ({key})", len(errors), len(verdicts), cfg.max_error_fraction,
+                     errors[0].detail if errors else "")
+        out[key] = sum(v.status == "correct" for v in verdicts) / len(verdicts)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ parity probe
+class ParityProbe:
+    """Engine vs trainer logprobs on a fixed batch after every sync: a sync that did not move the engine's weights
+    shows up here. Beside the parity it reports how far the trainer's policy moved on the probe since the last
+    check (`sync/policy_change_max`): a parity far below that change is a parity that saw the new weights."""
+
+    def __init__(self, probe: list[list[int]], threshold: float):
+        self.probe, self.threshold, self.last = probe, threshold, None
+
+    def check(self, pool, trainer) -> dict[str, float]:
+        ours = actor_get(trainer.sequence_logprobs.remote(self.probe))
+        metrics = parity(pool.sequence_logprobs(self.probe), ours, self.threshold)
+        if self.last is not None:
+            metrics["sync/policy_change_max"] = max(abs(a - b) for x, y in zip(ours, self.last) for a, b in zip(x, y))
+        self.last = ours
+        return metrics
+
+
+def parity(engine: list[list[float]], trainer: list[list[float]], threshold: float) -> dict[str, float]:
+    """Mean and max |engine - trainer| logprob over the probe's tokens; raises `ParityError` beyond `threshold`
+    and on a non-finite difference (NaN compares false with any threshold)."""
+    diffs = torch.cat([(torch.tensor(e) - torch.tensor(o)).abs() for e, o in zip(engine, trainer, strict=True)])
+    mean, mx = float(diffs.mean()), float(diffs.max())
+    if not mx <= threshold:
+        raise ParityError(f"sync parity: engine and trainer logprobs differ by up to {mx:.3g} nats (mean {mean:.3g}) "
+                          f"> sync.parity_threshold={threshold}: the rollout engine is not serving the trainer's weights")
+    return {"sync/parity_mean_abs": mean, "sync/parity_max_abs": mx}
