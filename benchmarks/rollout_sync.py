@@ -4,8 +4,9 @@
    same checkpoint, prompts and sampling (target: pool overhead <= 5%). Skipped with --sync-only.
 2. Weight sync into a rollout worker (a Ray actor owning a vLLM engine), end to end from the trainer-side
    tensors to an engine serving them:
-   - new: `ObjectStoreTransport.push` (buckets put in the object store, the worker writes them into the
-     engine's storage and redoes only the post-processing they feed);
+   - new: `ObjectStoreTransport.push` (a same-node worker: the tensors copied into a shared-memory file
+     the worker maps once; it writes them into the engine's storage and redoes only the post-processing
+     they feed);
    - old (775a309): tensors copied into flat buckets with adler32, put, verified, then vLLM's
      `reload_weights` for everything but the routed experts, which are stacked and packed per layer;
    - a plain memory copy of the same tensors, into fresh buffers (the target's yardstick) and into buffers
@@ -154,7 +155,7 @@ def main() -> None:
     if a.checkpoint is None:
         DeepseekV3(tiny_math(**SIZES[a.size])).init_weights(0).save_pretrained(path)
     kw = {"memory_fraction": 0.2, "max_model_len": 256, "kv_cache_gb": 1}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     if not a.sync_only:
         rollout(a, path, kw)
 
@@ -214,6 +215,7 @@ def main() -> None:
     # gives back the original logprobs after restoring.
     g = torch.Generator().manual_seed(7)
     seqs = [torch.randint(3, model.args.vocab_size, (n,), generator=g).tolist() for n in (12, 30, 47)]
+    run_new(99)  # the disk path left the routed experts in the checkpoint layout (wrong on CPU)
     before = ray.get(worker.sequence_logprobs.remote(seqs))
     with torch.no_grad():
         for _, t in named:
@@ -235,14 +237,14 @@ def main() -> None:
 
         prof = cProfile.Profile()
         prof.enable()
-        from dspost.rollout.sync import make_buckets
-
-        refs = [ray.put(b) for b in make_buckets(named, bucket, checksum=False)]
+        t = time.perf_counter()
+        shared = transport.segment.write(named)
+        write_s = time.perf_counter() - t
         prof.disable()
-        print("sender (make_buckets + ray.put):")
+        print(f"sender (SharedSegment.write, {write_s:.3f} s):")
         pstats.Stats(prof).sort_stats("tottime").print_stats(6)
         print("rollout worker (load_weights):")
-        print(ray.get(worker.profile_load.remote(refs, 200)))
+        print(ray.get(worker.profile_load.remote(shared, 200)))
     ray.shutdown()
 
 

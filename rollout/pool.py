@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable
 
 from dspost.rollout.engine import Sample, SamplingConfig, VLLMEngine
-from dspost.rollout.sync import unpack_bucket
+from dspost.rollout.sync import SharedWeights, StoreBuckets
 
 
 class RolloutWorker:
@@ -25,18 +25,15 @@ class RolloutWorker:
             torch.set_num_threads(threads)
         self.engine = VLLMEngine(path, **engine_kwargs)
         self.version = 0
+        self.maps: dict = {}  # the transport's shared-memory file, mapped once
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int, first_index: int) -> list[Sample]:
         return self.engine.generate(prompts, sampling, self.version, seed, first_index)
 
-    def load_weights(self, refs: list, version: int) -> float:
-        """The object-store transport's buckets (by ref) into the engine; returns the seconds it took."""
-        import ray
-
+    def load_weights(self, source: SharedWeights | StoreBuckets, version: int) -> float:
+        """The object-store transport's push into the engine; returns the seconds it took."""
         t = time.perf_counter()
-        here = self.node()
-        buckets = ray.get(refs)  # read-only views of the object store's shared memory, no copy
-        self.engine.update_weights([p for b in buckets for p in unpack_bucket(b, verify=b.node != here)])
+        self.engine.update_weights(source.open(self.maps, self.node()))
         self.version = version
         return time.perf_counter() - t
 

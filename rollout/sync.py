@@ -4,10 +4,11 @@
     stats = transport.push(named, version)     # (HF name, tensor) pairs -> every engine serves `version`
     transport.rejoin(i, new_worker)            # a restarted worker i -> the last pushed weights
 
-`push` returns only when the engines hold the weights, whatever the wire. `ObjectStoreTransport` puts the
-tensors in buckets into Ray's shared-memory object store (CPU; any cluster) and has each worker load them;
-it keeps the last push so a restarted worker can rejoin. `NCCLTransport` (GPU) broadcasts through vLLM's
-weight-transfer API (`rollout/nccl.py`); an engine that restarts cannot rejoin its NCCL group.
+`push` returns only when the engines hold the weights, whatever the wire. `ObjectStoreTransport` (CPU; any
+cluster) hands each worker host memory to load from: a shared-memory file on the trainer's node, buckets in
+Ray's object store on other nodes; it keeps the last push so a restarted worker can rejoin. `NCCLTransport`
+(GPU) broadcasts through vLLM's weight-transfer API (`rollout/nccl.py`); an engine that restarts cannot
+rejoin its NCCL group.
 """
 
 from __future__ import annotations
@@ -102,50 +103,136 @@ def unpack_bucket(bucket: Bucket, verify: bool = True) -> list[tuple[str, torch.
     return out
 
 
+# --------------------------------------------------------------------------------- what a worker loads
+@dataclass
+class StoreBuckets:
+    """Buckets in Ray's object store (workers on other nodes)."""
+    refs: list
+
+    def open(self, maps: dict, node: str) -> list[tuple[str, torch.Tensor]]:
+        import ray
+
+        return [p for b in ray.get(self.refs) for p in unpack_bucket(b, verify=b.node != node)]
+
+
+@dataclass
+class SharedWeights:
+    """The sender's shared-memory file (workers on its node): (name, dtype, shape, byte offset) per tensor."""
+    path: str
+    size: int
+    layout: list[tuple[str, str, tuple[int, ...], int]]
+
+    def open(self, maps: dict, node: str) -> list[tuple[str, torch.Tensor]]:
+        if self.path not in maps:  # mapped once per file: later pushes find its pages mapped
+            maps.clear()
+            maps[self.path] = _map(self.path, self.size)
+        buf = maps[self.path]
+        out = []
+        for name, dtype, shape, off in self.layout:
+            dt = getattr(torch, dtype)
+            n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            out.append((name, buf[off:off + n].view(dt).view(shape)))
+        return out
+
+
+def _map(path: str, size: int) -> torch.Tensor:
+    import mmap
+
+    with open(path, "r+b") as f:
+        return torch.frombuffer(mmap.mmap(f.fileno(), size), dtype=torch.uint8)
+
+
+class SharedSegment:
+    """The sender's shared-memory file, rewritten in place by every `write` (a bigger one replaces it
+    when the tensors do not fit) and unlinked when this object goes away."""
+
+    def __init__(self):
+        self.path, self.size, self.buf = "", 0, torch.empty(0, dtype=torch.uint8)
+
+    def write(self, named: list[tuple[str, torch.Tensor]]) -> SharedWeights:
+        """Copy the tensors in, in order, each 64-byte aligned (so a fused pair or an expert's gate and up
+        lie back to back, as the engine's stacks do)."""
+        layout, size = [], 0
+        for name, x in named:
+            size = -(-size // 64) * 64
+            layout.append((name, str(x.dtype).removeprefix("torch."), tuple(x.shape), size))
+            size += x.numel() * x.element_size()
+        if size > self.size:
+            self._create(size)
+        for (_, x), (_, _, shape, off) in zip(named, layout):
+            self.buf[off:off + x.numel() * x.element_size()].view(x.dtype).view(shape).copy_(x.detach())
+        return SharedWeights(self.path, self.size, layout)
+
+    def _create(self, size: int) -> None:
+        import os
+        import tempfile
+        import weakref
+
+        fd, path = tempfile.mkstemp(prefix="dspost-weights-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        os.ftruncate(fd, size)
+        os.close(fd)
+        if self.path:
+            self._unlink()  # workers keep their mapping of the old file until they map the new one
+        self._unlink = weakref.finalize(self, os.unlink, path)
+        self.path, self.size, self.buf = path, size, _map(path, size)
+
+
 # ------------------------------------------------------------------------------------------- transports
 class ObjectStoreTransport:
-    """Buckets through Ray's object store; every worker loads them (in parallel) before `push` returns.
+    """Host memory: workers on the trainer's node map one shared-memory file that every push rewrites in
+    place; workers on other nodes get checksummed buckets through Ray's object store. Every worker loads
+    (in parallel) before `push` returns; the file keeps the last push for `rejoin`.
 
-    Integrity: a bucket is checksummed only when some worker runs on another node, and only such a worker
-    verifies it: on the sender's node the worker maps the very pages the sender wrote (nothing crosses a
-    wire), while Ray's transfer between nodes rides on TCP's 16-bit checksums."""
+    Why a file and not a new object per push for same-node workers: on these VMs a page touched for the
+    first time costs 4-8x its copy, and each fresh object paid that on both sides (1 GB: puts of 0.13 to
+    4 s). Integrity: only buckets that cross a wire are checksummed (xxh3) and verified, on a node other
+    than the sender's; Ray moves them between nodes over TCP, whose 16-bit checksums are weak. On the
+    sender's node the worker reads the very pages the sender wrote."""
 
     def __init__(self, bucket_bytes: int):
         self.bucket_bytes = bucket_bytes
         self.workers: list = []
-        self.last: tuple[list, int] | None = None  # the last push's bucket refs, kept for `rejoin`
-        self.wire = False
+        self.nodes: list[str] = []
+        self.segment = SharedSegment()
+        self.last: tuple[SharedWeights, StoreBuckets | None, int] | None = None  # kept for `rejoin`
 
     def connect(self, workers: list) -> None:
         import ray
 
         self.workers = list(workers)
         self.node = ray.get_runtime_context().get_node_id()
-        self.wire = any(n != self.node for n in ray.get([w.node.remote() for w in self.workers]))
+        self.nodes = ray.get([w.node.remote() for w in self.workers])
 
     def push(self, named: Named, version: int) -> PushStats:
         import ray
 
         t = time.perf_counter()
-        refs, nbytes, count = [], 0, 0
-        for b in make_buckets(named, self.bucket_bytes, checksum=self.wire, node=self.node):
-            refs.append(ray.put(b))
-            nbytes, count = nbytes + b.nbytes, count + len(b.names)
-        self.last = (refs, version)
+        local = self.segment.write(list(named))
+        remote = None
+        if any(n != self.node for n in self.nodes):
+            remote = StoreBuckets([ray.put(b) for b in make_buckets(local.open({}, self.node), self.bucket_bytes,
+                                                                     checksum=True, node=self.node)])
+        self.last = (local, remote, version)
         missed = []
-        for i, done in enumerate([w.load_weights.remote(refs, version) for w in self.workers]):
+        loads = [w.load_weights.remote(local if n == self.node else remote, version)
+                 for w, n in zip(self.workers, self.nodes)]
+        for i, done in enumerate(loads):
             try:
                 ray.get(done)
             except ray.exceptions.RayActorError:
                 missed.append(i)
-        return PushStats(nbytes, time.perf_counter() - t, count, tuple(missed))
+        return PushStats(local.size, time.perf_counter() - t, len(local.layout), tuple(missed))
 
     def rejoin(self, index: int, worker) -> None:
         import ray
 
-        self.workers[index] = worker
+        self.workers[index], self.nodes[index] = worker, ray.get(worker.node.remote())
         if self.last is not None:
-            ray.get(worker.load_weights.remote(*self.last))
+            local, remote, version = self.last
+            if self.nodes[index] != self.node and remote is None:
+                remote = StoreBuckets([ray.put(b) for b in make_buckets(local.open({}, self.node), self.bucket_bytes,
+                                                                         node=self.node)])
+            ray.get(worker.load_weights.remote(local if self.nodes[index] == self.node else remote, version))
 
 
 class NCCLTransport:

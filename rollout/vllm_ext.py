@@ -6,13 +6,15 @@ layer it loads and recomputes MLA's absorbed matrices for every layer, on every 
 sync on tiny-math). What a new value needs on vLLM 0.32's CPU backend is much less, so each (HF name,
 tensor) pair goes to its place and only what it feeds is redone:
 
-| checkpoint tensor | where the engine keeps it | redone after writing |
-|---|---|---|
-| norms, router `e_score_correction_bias` | the parameter | nothing |
-| `kv_b_proj` | the parameter (MLA reads it) | that layer's MLA `W_UK_T` / `W_UV` |
-| `embed_tokens`, `lm_head` | the parameter | that layer's oneDNN handle |
-| other projections (`q_a_proj` + `kv_a_proj_with_mqa` fused into `fused_qkv_a_proj`, `gate_proj` + `up_proj` into `gate_up_proj`) | only in a oneDNN handle (the parameter is emptied) | that layer's handle, built from the new values by vLLM's own `process_weights_after_loading` |
-| routed experts `mlp.experts.{e}.*` | stacked [E, 2P, H] (gate rows, then up rows) and [E, H, P], P the width zero-padded for the kernel, prepacked | each expert sent, packed into its slot with vLLM's `prepack_moe_weight` (packing is per expert) |
+- norms, the router's `e_score_correction_bias`: the parameter; nothing to redo.
+- `kv_b_proj`: the parameter (MLA reads it); that layer's MLA `W_UK_T` / `W_UV` are recomputed.
+- `embed_tokens`, `lm_head`: the parameter; that layer's oneDNN handle is rebuilt.
+- the other projections (`q_a_proj` + `kv_a_proj_with_mqa` fused into `fused_qkv_a_proj`, `gate_proj` +
+  `up_proj` into `gate_up_proj`): only a oneDNN handle (the parameter is emptied); that layer's handle is
+  rebuilt from the new values by vLLM's own `process_weights_after_loading`.
+- routed experts `mlp.experts.{e}.*`: stacked [E, 2P, H] (gate rows, then up rows) and [E, H, P], P the
+  width zero-padded for the kernel, prepacked; each expert sent is packed into its slot with vLLM's
+  `prepack_moe_weight` (packing is per expert).
 
 A projection that lives only in a oneDNN handle keeps no unpacked copy, so the two halves of a fused pair,
 and an expert's gate_proj and up_proj, must arrive together (an error says so otherwise). Tensors in other
@@ -109,13 +111,13 @@ class WeightSyncExtension:
 
     def _dspost_write_experts(self, prefix: str, parts: dict[tuple[int, str], torch.Tensor]) -> None:
         """The experts sent, written into their slots of the stacked, padded, prepacked weights: each run of
-        consecutive experts is stacked into a staging buffer (kept between updates, its padding zero) and
-        packed with one call, since a kernel call costs ~2 ms here whatever its size (2 cores, loaded)."""
+        consecutive experts is packed with one call (a kernel call costs ~2 ms here whatever its size: 2
+        loaded cores), straight from the sent tensors when they already lie as the stack, else through a
+        staging buffer (kept between updates, its padding zero)."""
         module, isa = self._dspost_packed_experts(prefix)
         w13, w2 = module.w13_weight, module.w2_weight
         E, two_p, H = w13.shape
         P, inter = two_p // 2, module.intermediate_size_per_partition
-        stage13, stage2 = self._dspost_staging(w13), self._dspost_staging(w2)
         for e, leaf in parts:
             if not 0 <= e < E:
                 raise ValueError(f"weight update: {prefix}.{e}.{leaf}: the engine has {E} experts in this layer")
@@ -123,18 +125,27 @@ class WeightSyncExtension:
                 raise ValueError(f"weight update: {prefix}.{e}: gate_proj and up_proj must be sent together (the "
                                  "engine packs them as one matrix and keeps no unpacked copy)")
         for a, b in _runs(sorted({e for e, leaf in parts if leaf == "gate_proj"})):
-            for e in range(a, b):
-                for half, leaf in enumerate(("gate_proj", "up_proj")):
-                    t = parts[(e, leaf)]
-                    _check_shape(f"{prefix}.{e}.{leaf}.weight", t, (inter, H))
-                    stage13[e - a, half * P:half * P + inter] = t
-            torch.ops._C.prepack_moe_weight(stage13[:b - a], w13.data[a:b], isa)
+            run = [parts[(e, leaf)] for e in range(a, b) for leaf in ("gate_proj", "up_proj")]
+            for i, t in enumerate(run):
+                _check_shape(f"{prefix}.{a + i // 2}.{('gate_proj', 'up_proj')[i % 2]}.weight", t, (inter, H))
+            src = _back_to_back(run, (b - a, two_p, H), w13.dtype) if inter == P else None
+            if src is None:  # padded, or not laid out as the stack: through the staging buffer
+                stage13 = self._dspost_staging(w13)
+                for i, t in enumerate(run):
+                    stage13[i // 2, (i % 2) * P:(i % 2) * P + inter] = t
+                src = stage13[:b - a]
+            torch.ops._C.prepack_moe_weight(src, w13.data[a:b], isa)
         for a, b in _runs(sorted({e for e, leaf in parts if leaf == "down_proj"})):
-            for e in range(a, b):
-                t = parts[(e, "down_proj")]
+            run = [parts[(e, "down_proj")] for e in range(a, b)]
+            for e, t in zip(range(a, b), run):
                 _check_shape(f"{prefix}.{e}.down_proj.weight", t, (H, inter))
-                stage2[e - a, :, :inter] = t
-            torch.ops._C.prepack_moe_weight(stage2[:b - a], w2.data[a:b], isa)
+            src = _back_to_back(run, (b - a, H, P), w2.dtype) if inter == P else None
+            if src is None:
+                stage2 = self._dspost_staging(w2)
+                for i, t in enumerate(run):
+                    stage2[i, :, :inter] = t
+                src = stage2[:b - a]
+            torch.ops._C.prepack_moe_weight(src, w2.data[a:b], isa)
 
     def _dspost_staging(self, w: torch.Tensor) -> torch.Tensor:
         """A zeroed buffer shaped like `w`, one per shape, kept: fresh pages cost 4-8x a copy here."""
@@ -143,6 +154,20 @@ class WeightSyncExtension:
         if key not in cache:
             cache[key] = w.new_zeros(w.shape)
         return cache[key]
+
+
+def _back_to_back(ts: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """One view of `shape` over tensors that lie back to back in one storage (as the transport's shared
+    file lays out the checkpoint's order: an expert's gate_proj, its up_proj, the next expert's...), which
+    saves the stacking copy; None when they do not."""
+    first = ts[0]
+    end = first.data_ptr()
+    for t in ts:
+        if t.dtype != dtype or not t.is_contiguous() or t.data_ptr() != end or \
+                t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+            return None
+        end += t.numel() * t.element_size()
+    return first.as_strided(shape, torch.empty(shape, device="meta").stride(), first.storage_offset())
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:
@@ -212,11 +237,13 @@ def _write_linear(module: torch.nn.Module, path: str, shards: dict[int | None, t
         if missing:
             raise ValueError(f"weight update: {path} is fused from {len(sizes)} checkpoint tensors and the engine "
                              f"keeps no unpacked copy; shard(s) {missing} missing (send the fused tensors together)")
-        full = torch.cat([shards[s] for s in range(len(sizes))])
+        parts = [shards[s] for s in range(len(sizes))]
+        full = _back_to_back(parts, (sum(sizes), parts[0].shape[1]), kept.dtype) if parts[0].ndim == 2 else None
+        full = torch.cat(parts) if full is None else full
     else:
         full = shards[None]
-    shape = [getattr(module, f"{d}_size_per_partition", None) or getattr(module, f"{d}_size") for d in ("output", "input")]
-    _check_shape(f"{path}.weight", full, shape)
+    _check_shape(f"{path}.weight", full, [getattr(module, f"{d}_size_per_partition", None) or getattr(module, f"{d}_size")
+                                          for d in ("output", "input")])
     module.weight = torch.nn.Parameter(full.to(kept.dtype), requires_grad=False)
     try:
         module.quant_method.process_weights_after_loading(module)

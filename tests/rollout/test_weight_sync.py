@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dspost.model import from_pretrained, hf_tensors
-from dspost.rollout.sync import NCCLTransport, SyncError, make_buckets, unpack_bucket
+from dspost.rollout.sync import NCCLTransport, SharedSegment, SyncError, make_buckets, unpack_bucket
 
 
 def probe_seqs(vocab_size: int) -> list[list[int]]:
@@ -64,7 +64,12 @@ def _named(model, keep=lambda name: True):
     return [(k, t) for k, t in hf_tensors(model, include_mtp=False) if keep(k)]
 
 
-def _sync(engine, named, bucket_bytes=1 << 20):
+def _sync(engine, named, wire="buckets", bucket_bytes=1 << 20):
+    """Through object-store buckets (each tensor its own array: the engine stacks fused pairs and experts
+    through copies) or the shared-memory file (laid out back to back: the engine packs straight from it)."""
+    if wire == "shared":
+        segment = SharedSegment()  # the file lives as long as its segment
+        return engine.update_weights(segment.write(named).open({}, ""))
     return engine.update_weights([p for b in make_buckets(named, bucket_bytes) for p in unpack_bucket(b)])
 
 
@@ -76,8 +81,9 @@ def test_sync_unchanged_then_changed_weights(vllm_engine, served_checkpoint, cha
     before = vllm_engine.sequence_logprobs(seqs)
     changed, expected = changed_checkpoints["all"]
 
-    assert _sync(vllm_engine, _named(base)) == len(_named(base))
-    assert vllm_engine.sequence_logprobs(seqs) == before  # bit-identical, experts included
+    for wire in ("buckets", "shared"):
+        assert _sync(vllm_engine, _named(base), wire) == len(_named(base))
+        assert vllm_engine.sequence_logprobs(seqs) == before, wire  # bit-identical, experts included
 
     # Control: without the routed experts the engine is not the changed model.
     _sync(vllm_engine, _named(changed, lambda k: ".mlp.experts." not in k))
@@ -86,6 +92,9 @@ def test_sync_unchanged_then_changed_weights(vllm_engine, served_checkpoint, cha
 
     _sync(vllm_engine, _named(changed), bucket_bytes=300_000)  # many buckets, experts split across them
     assert vllm_engine.sequence_logprobs(seqs) == expected  # exactly the freshly started engine's logprobs
+    _sync(vllm_engine, _named(base))
+    _sync(vllm_engine, _named(changed), "shared")
+    assert vllm_engine.sequence_logprobs(seqs) == expected
 
     _sync(vllm_engine, _named(base))  # restore for the other tests of the session
     assert vllm_engine.sequence_logprobs(seqs) == before
@@ -105,10 +114,11 @@ def test_subset_syncs_in_a_row_match_fresh_engines(vllm_engine, served_checkpoin
     sent = _named(subset, in_subset)
     assert {k.split(".")[-2] for k, _ in sent} >= {"q_a_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "up_proj"}
 
-    for step, (named, expected) in enumerate([(sent, expected_subset), (_named(changed), expected_all),
-                                              (_named(base), before), (sent, expected_subset)]):
-        _sync(vllm_engine, named)
-        assert vllm_engine.sequence_logprobs(seqs) == expected, f"sync {step}"
+    for step, (named, wire, expected) in enumerate([(sent, "shared", expected_subset),
+                                                    (_named(changed), "buckets", expected_all),
+                                                    (_named(base), "shared", before), (sent, "buckets", expected_subset)]):
+        _sync(vllm_engine, named, wire)
+        assert vllm_engine.sequence_logprobs(seqs) == expected, f"sync {step} ({wire})"
 
     _sync(vllm_engine, _named(base))
     assert vllm_engine.sequence_logprobs(seqs) == before
@@ -148,3 +158,22 @@ def test_nccl_transport_refuses_on_cpu_in_one_line():
     with pytest.raises(SyncError, match="needs CUDA devices") as e:
         NCCLTransport(1 << 20)
     assert "\n" not in str(e.value)
+
+
+def test_shared_segment_roundtrip_rewrite_and_growth():
+    import os
+
+    named = [("a", torch.randn(3, 5)), ("b", torch.arange(7)), ("c", torch.randn(4).bfloat16()),
+             ("d", torch.randn(6, 4).t()), ("e", torch.tensor(2.5))]
+    seg = SharedSegment()
+    first = seg.write(named)
+    maps: dict = {}
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(first.open(maps, ""), named))
+    again = seg.write([(k, t + 1) for k, t in named])  # rewritten in place: the same file, already mapped
+    assert again.path == first.path and all(torch.equal(x, y + 1) for (_, x), (_, y) in zip(again.open(maps, ""), named))
+    f = torch.randn(100)
+    bigger = seg.write(named + [("f", f)])  # a new file; the old one is unlinked
+    assert bigger.path != first.path and not os.path.exists(first.path)
+    assert torch.equal(bigger.open(maps, "")[-1][1], f)
+    del seg
+    assert not os.path.exists(bigger.path)
