@@ -172,8 +172,10 @@ def main() -> None:
     transport.connect([worker])
     warm_dst = [torch.empty_like(x) for _, x in named]
 
+    loads: list[float] = []
+
     def run_new(v):
-        transport.push(named, v)
+        loads.append(transport.push(named, v).load_seconds)
 
     def run_old(v):
         refs = [ray.put(b) for b in _old_buckets(named, bucket)]
@@ -209,7 +211,8 @@ def main() -> None:
     for k, v in times.items():
         m = statistics.median(v[1:])
         print(f"  {k:<42} cold {v[0]:7.3f} s   {m:7.3f} s  {gb / m:6.2f} GB/s  new is {m / new:5.2f}x faster")
-    print(f"  new at {fresh / new:.0%} of the fresh-buffer copy's bandwidth")
+    print(f"  new at {fresh / new:.0%} of the fresh-buffer copy's bandwidth; of its {new:.3f} s the worker "
+          f"spent {statistics.median(loads[1:]):.3f} s writing into the engine")
 
     # Bit-exactness: old and new paths give the same logprobs on a changed checkpoint, and the new one
     # gives back the original logprobs after restoring.

@@ -33,6 +33,7 @@ class PushStats:
     bytes: int
     seconds: float
     tensors: int
+    load_seconds: float = 0.0  # the slowest worker's own time to write the weights into its engine
     missed: tuple[int, ...] = ()  # workers found dead (the pool restarts them, and they rejoin)
 
 
@@ -213,15 +214,15 @@ class ObjectStoreTransport:
             remote = StoreBuckets([ray.put(b) for b in make_buckets(local.open({}, self.node), self.bucket_bytes,
                                                                      checksum=True, node=self.node)])
         self.last = (local, remote, version)
-        missed = []
+        missed, load = [], 0.0
         loads = [w.load_weights.remote(local if n == self.node else remote, version)
                  for w, n in zip(self.workers, self.nodes)]
         for i, done in enumerate(loads):
             try:
-                ray.get(done)
+                load = max(load, ray.get(done))
             except ray.exceptions.RayActorError:
                 missed.append(i)
-        return PushStats(local.size, time.perf_counter() - t, len(local.layout), tuple(missed))
+        return PushStats(local.size, time.perf_counter() - t, len(local.layout), load, tuple(missed))
 
     def rejoin(self, index: int, worker) -> None:
         import ray
