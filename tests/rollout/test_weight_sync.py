@@ -4,11 +4,22 @@ Unchanged weights in -> bit-identical logprobs out; changed weights in (all of t
 merge sends) -> exactly the logprobs of a freshly started engine on the changed checkpoint, sync after sync.
 The expert-less control shows the probe sees the experts."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from dspost.model import from_pretrained, hf_tensors
 from dspost.rollout.sync import NCCLTransport, SharedSegment, SyncError, make_buckets, unpack_bucket
+
+
+def probe(engine, seqs: list[list[int]]) -> list:
+    """Prefill logprobs of whole sequences, and a greedy continuation's tokens and logprobs: decode steps
+    are what read MLA's absorbed W_UK_T / W_UV (the CPU backend's prefill uses kv_b_proj itself)."""
+    from dspost.rollout.engine import SamplingConfig
+
+    decode = engine.generate([s[:8] for s in seqs], SamplingConfig(n=1, temperature=0.0, max_tokens=8), 0, seed=0)
+    return [engine.sequence_logprobs(seqs), [[s.response_ids, s.logprobs] for s in decode]]
 
 
 def probe_seqs(vocab_size: int) -> list[list[int]]:
@@ -48,10 +59,11 @@ def changed_checkpoints(served_checkpoint, tmp_path_factory):
         out[kind] = (d, model)
     seqs = probe_seqs(model.args.vocab_size)
     code = ("import json, sys; from dspost.rollout.engine import VLLMEngine; "
+            "from tests.rollout.test_weight_sync import probe; "
             "e = VLLMEngine(sys.argv[1], max_model_len=256, kv_cache_gb=1); "
-            "print('RESULT' + json.dumps(e.sequence_logprobs(json.loads(sys.argv[2]))))")
+            "print('RESULT' + json.dumps(probe(e, json.loads(sys.argv[2]))))")
     procs = {k: subprocess.Popen([sys.executable, "-c", code, str(d), json.dumps(seqs)], stdout=subprocess.PIPE,
-                                 stderr=subprocess.DEVNULL, text=True) for k, (d, _) in out.items()}
+                                 stderr=subprocess.DEVNULL, text=True, cwd=Path(__file__).resolve().parents[2]) for k, (d, _) in out.items()}
     expected = {}
     for k, p in procs.items():
         stdout, _ = p.communicate()
@@ -78,26 +90,26 @@ def test_sync_unchanged_then_changed_weights(vllm_engine, served_checkpoint, cha
     path, _ = served_checkpoint
     base = from_pretrained(path)
     seqs = probe_seqs(base.args.vocab_size)
-    before = vllm_engine.sequence_logprobs(seqs)
+    before = probe(vllm_engine, seqs)
     changed, expected = changed_checkpoints["all"]
 
     for wire in ("buckets", "shared"):
         assert _sync(vllm_engine, _named(base), wire) == len(_named(base))
-        assert vllm_engine.sequence_logprobs(seqs) == before, wire  # bit-identical, experts included
+        assert probe(vllm_engine, seqs) == before, wire  # bit-identical, experts included
 
     # Control: without the routed experts the engine is not the changed model.
     _sync(vllm_engine, _named(changed, lambda k: ".mlp.experts." not in k))
-    partial = vllm_engine.sequence_logprobs(seqs)
-    assert max(abs(a - b) for x, y in zip(partial, expected) for a, b in zip(x, y)) > 1e-3
+    partial = probe(vllm_engine, seqs)
+    assert max(abs(a - b) for x, y in zip(partial[0], expected[0]) for a, b in zip(x, y)) > 1e-3
 
     _sync(vllm_engine, _named(changed), bucket_bytes=300_000)  # many buckets, experts split across them
-    assert vllm_engine.sequence_logprobs(seqs) == expected  # exactly the freshly started engine's logprobs
+    assert probe(vllm_engine, seqs) == expected  # exactly the freshly started engine's logprobs
     _sync(vllm_engine, _named(base))
     _sync(vllm_engine, _named(changed), "shared")
-    assert vllm_engine.sequence_logprobs(seqs) == expected
+    assert probe(vllm_engine, seqs) == expected
 
     _sync(vllm_engine, _named(base))  # restore for the other tests of the session
-    assert vllm_engine.sequence_logprobs(seqs) == before
+    assert probe(vllm_engine, seqs) == before
 
 
 @pytest.mark.vllm
@@ -108,7 +120,7 @@ def test_subset_syncs_in_a_row_match_fresh_engines(vllm_engine, served_checkpoin
     path, _ = served_checkpoint
     base = from_pretrained(path)
     seqs = probe_seqs(base.args.vocab_size)
-    before = vllm_engine.sequence_logprobs(seqs)
+    before = probe(vllm_engine, seqs)
     subset, expected_subset = changed_checkpoints["subset"]
     changed, expected_all = changed_checkpoints["all"]
     sent = _named(subset, in_subset)
@@ -118,10 +130,10 @@ def test_subset_syncs_in_a_row_match_fresh_engines(vllm_engine, served_checkpoin
                                                     (_named(changed), "buckets", expected_all),
                                                     (_named(base), "shared", before), (sent, "buckets", expected_subset)]):
         _sync(vllm_engine, named, wire)
-        assert vllm_engine.sequence_logprobs(seqs) == expected, f"sync {step} ({wire})"
+        assert probe(vllm_engine, seqs) == expected, f"sync {step} ({wire})"
 
     _sync(vllm_engine, _named(base))
-    assert vllm_engine.sequence_logprobs(seqs) == before
+    assert probe(vllm_engine, seqs) == before
 
 
 @pytest.mark.vllm
