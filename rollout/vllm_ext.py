@@ -7,7 +7,8 @@ sync on tiny-math). What a new value needs on vLLM 0.32's CPU backend is much le
 tensor) pair goes to its place and only what it feeds is redone:
 
 - norms, the router's `e_score_correction_bias`: the parameter; nothing to redo.
-- `kv_b_proj`: the parameter (MLA reads it); that layer's MLA `W_UK_T` / `W_UV` are recomputed.
+- `kv_b_proj`: the parameter (MLA reads it); that layer's MLA `W_UK_T` / `W_UV` are recomputed (in an
+  unquantized engine they are views of this weight, so this only matters where they are copies).
 - `embed_tokens`, `lm_head`: the parameter; that layer's oneDNN handle is rebuilt.
 - the other projections (`q_a_proj` + `kv_a_proj_with_mqa` fused into `fused_qkv_a_proj`, `gate_proj` +
   `up_proj` into `gate_up_proj`): only a oneDNN handle (the parameter is emptied); that layer's handle is
@@ -70,7 +71,7 @@ class WeightSyncExtension:
         for path, shards in linears.items():
             _write_linear(model.get_submodule(path), path, shards)
             mla = self._dspost_mla().get(path)
-            if mla is not None:  # kv_b_proj: the absorbed matrices follow it
+            if mla is not None:  # kv_b_proj: the absorbed matrices follow it (a no-op where they are views)
                 mla.process_weights_after_loading(self.model_runner.model_config.dtype)
         for prefix, parts in experts.items():
             self._dspost_write_experts(prefix, parts)
