@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -85,9 +89,7 @@ class VLLMEngine:
         outs = self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
         return [[lp[tok].logprob for tok, lp in zip(s[1:], o.prompt_logprobs[1:])] for s, o in zip(seqs, outs)]
 
-    def update_weights(self, named_chunks) -> int:
-        """Apply (name, tensor) chunks in checkpoint format; returns how many tensors were applied."""
-        self.llm.collective_rpc("dspost_begin_update")
-        for chunk in named_chunks:
-            self.llm.collective_rpc("dspost_update", args=(chunk,))
-        return self.llm.collective_rpc("dspost_finish_update")[0]
+    def update_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:
+        """Write (HF name, tensor) pairs into the running engine (`vllm_ext.WeightSyncExtension`); any
+        subset of the checkpoint's tensors. Returns how many tensors were applied."""
+        return self.llm.collective_rpc("dspost_update_weights", args=(named,))[0]

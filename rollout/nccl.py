@@ -3,12 +3,13 @@ loads what arrives with the model's own `load_weights`, so the fused-MoE layout 
 
 Each rollout worker is an independent vLLM instance, so each gets its own two-rank group (trainer rank 0,
 engine rank 1). Engines must be started with `weight_transfer="nccl"` (see `VLLMEngine`). Written against
-vLLM's API (`vllm.distributed.weight_transfer.nccl_engine`); the CPU-only machines this project is tested
-on cannot run it, so no test covers it."""
+vLLM 0.32's API (`vllm.distributed.weight_transfer.nccl_engine`); the CPU-only machines this project is
+tested on cannot run it, so no test covers it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import socket
+from collections.abc import Iterator
 
 import torch
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
@@ -16,16 +17,16 @@ from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NC
 
 
 class NamedSource(WeightSource):
-    """The trainer's weights in checkpoint (HF) names, re-read on every pass."""
+    """The (HF name, tensor) pairs of the current push (`NCCLTransport.push` sets `pairs`)."""
 
-    def __init__(self, named: Callable[[], Iterable[tuple[str, torch.Tensor]]]):
-        self.named = named
+    def __init__(self):
+        self.pairs: list[tuple[str, torch.Tensor]] = []
 
     def metadata(self) -> list[ParamMeta]:
-        return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in self.named()]
+        return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in self.pairs]
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter(self.named())
+        return iter(self.pairs)
 
 
 class RolloutWorkerClient:
@@ -52,11 +53,19 @@ class RolloutWorkerClient:
         self._call("finish_weight_update")
 
 
-def connect(workers: list, named: Callable[[], Iterable[tuple[str, torch.Tensor]]], address: str,
-            ports: list[int], bucket_bytes: int) -> list[NCCLTrainerWeightTransferEngine]:
-    """Open one group per worker; returns the senders whose `send_weights()` pushes the current weights."""
-    source = NamedSource(named)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def connect(workers: list, source: NamedSource, bucket_bytes: int) -> list[NCCLTrainerWeightTransferEngine]:
+    """Open one group per worker from this (trainer rank 0) process; `send_weights()` on each returned
+    sender broadcasts `source`'s pairs to that engine."""
+    import ray
+
+    address = ray.util.get_node_ip_address()
     return [NCCLTrainerWeightTransferEngine.trainer_init(
-                NCCLTrainerInitInfo(address, port, world_size=2, packed_buffer_size_bytes=bucket_bytes, rank=0),
+                NCCLTrainerInitInfo(address, _free_port(), world_size=2, packed_buffer_size_bytes=bucket_bytes, rank=0),
                 client=RolloutWorkerClient(w), source=source)
-            for w, port in zip(workers, ports)]
+            for w in workers]

@@ -1,15 +1,18 @@
 """The rollout pool: Ray actors that each own one vLLM engine; batches spread across them.
 
-A worker that dies is restarted from the checkpoint it started with, brought up to the current weights from
-the last sync's buckets (still in the object store), and its batch is re-run."""
+Weights reach the workers through a transport (`rollout/sync.py`), which whoever holds it connects to
+`pool.workers`. A worker that dies is restarted from the checkpoint it started with, brought to the current
+weights by `pool.rejoin` (the holder's `transport.rejoin`), and its batch is re-run."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
+from collections.abc import Callable
+
 from dspost.rollout.engine import Sample, SamplingConfig, VLLMEngine
-from dspost.rollout.sync import ObjectStoreTransport, SyncError
+from dspost.rollout.sync import SharedWeights, StoreBuckets
 
 
 class RolloutWorker:
@@ -22,17 +25,21 @@ class RolloutWorker:
             torch.set_num_threads(threads)
         self.engine = VLLMEngine(path, **engine_kwargs)
         self.version = 0
+        self.maps: dict = {}  # the transport's shared-memory file, mapped once
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int, first_index: int) -> list[Sample]:
         return self.engine.generate(prompts, sampling, self.version, seed, first_index)
 
-    def load_weights(self, refs: list | None, version: int) -> float:
-        """Object-store buckets by ref; None when the weights already arrived over NCCL."""
+    def load_weights(self, source: SharedWeights | StoreBuckets, version: int) -> float:
+        """The object-store transport's push into the engine; returns the seconds it took."""
         t = time.perf_counter()
-        if refs is not None:
-            self.engine.update_weights(ObjectStoreTransport.receive(refs))
+        self.engine.update_weights(source.open(self.maps, self.node()))
         self.version = version
         return time.perf_counter() - t
+
+    def set_version(self, version: int) -> None:
+        """The NCCL transport delivered the weights (through `weight_transfer_rpc`)."""
+        self.version = version
 
     def weight_transfer_rpc(self, method: str, kwargs: dict) -> None:
         """vLLM's weight-transfer calls (init, start, update, finish) on this engine's workers."""
@@ -74,21 +81,18 @@ class RolloutPool:
             runtime_env={"env_vars": env}, max_concurrency=1)
         self.workers = [self._start() for _ in range(n)]
         ray.get([w.get_version.remote() for w in self.workers])  # wait until every engine is up
-        self.last_sync: tuple[list, int] | None = None
         self.restarts = 0
+        # Brings a restarted worker to the current weights: set by whoever holds the weight transport, e.g.
+        # `pool.rejoin = transport.rejoin` (None before any transport: the checkpoint is current).
+        self.rejoin: Callable[[int, object], None] | None = None
 
     def _start(self):
         return self.actor_cls.remote(self.path, self.engine_kwargs, self.spec.threads)
 
     def _restart(self, i: int) -> None:
-        import ray
-
-        if self.last_sync is not None and self.last_sync[0] is None:
-            raise SyncError(f"rollout worker {i} died and a restarted engine cannot rejoin the trainer's NCCL "
-                            "weight-transfer group; restart the run with resume=true")
         self.workers[i] = self._start()
-        if self.last_sync is not None:
-            ray.get(self.workers[i].load_weights.remote(*self.last_sync))
+        if self.rejoin is not None:
+            self.rejoin(i, self.workers[i])
         self.restarts += 1
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[Sample]:
@@ -114,20 +118,6 @@ class RolloutPool:
     def _submit(self, i, prompts, bound, sampling, seed):
         lo, hi = bound
         return self.workers[i].generate.remote(prompts[lo:hi], sampling, seed + lo, lo)
-
-    def sync(self, refs: list | None, version: int) -> float:
-        """Every worker loads the buckets (refs None: NCCL already delivered the weights) before the next
-        generation; returns the slowest worker's seconds."""
-        import ray
-
-        self.last_sync = (refs, version)
-        seconds = []
-        for i, w in enumerate(self.workers):
-            try:
-                seconds.append(ray.get(w.load_weights.remote(refs, version)))
-            except ray.exceptions.RayActorError:
-                self._restart(i)
-        return max(seconds, default=0.0)
 
     def sequence_logprobs(self, seqs: list[list[int]]) -> list[list[float]]:
         import ray
