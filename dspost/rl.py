@@ -111,12 +111,10 @@ class RLSession:
 
     def sync(self, step: int) -> dict[str, float]:
         """The trainer's weights into every engine, then (every `sync.parity_every` syncs) the parity probe."""
-        cfg = self.recipe.sync
         t = time.perf_counter()
-        refs = actor_get(self.trainers[0].publish_weights.remote(cfg.transport, int(cfg.bucket_mb * 2**20)))
-        self.pool.sync(refs, step + 1)
-        metrics = {"sync/seconds": time.perf_counter() - t}
-        if (step + 1) % cfg.parity_every == 0:
+        metrics = actor_get(self.trainers[0].publish_weights.remote(step + 1))
+        metrics["sync/seconds"] = time.perf_counter() - t
+        if (step + 1) % self.recipe.sync.parity_every == 0:
             self.parity = self.prober.check(self.pool, self.trainers[0])
         return {**metrics, **self.parity}
 
@@ -208,8 +206,8 @@ def start_pools(recipe: GRPORecipe, serve_from: str, base_model: str, resume_fro
     trainers = [actor.remote(recipe, base_model, rank, t.num_workers, url, resume_from) for rank in range(t.num_workers)]
     running.callback(lambda: [ray.kill(w) for w in trainers])
     ray.get([w.ready.remote() for w in trainers])
-    if recipe.sync.transport == "nccl":
-        ray.get(trainers[0].connect_weight_transfer.remote(pool.workers, int(recipe.sync.bucket_mb * 2**20)))
+    actor_get(trainers[0].connect_weight_transfer.remote(pool.workers))
+    pool.rejoin = lambda i, worker: actor_get(trainers[0].rejoin_weight_transfer.remote(i, worker))
     return pool, trainers
 
 

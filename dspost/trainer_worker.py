@@ -12,7 +12,7 @@ import torch
 from dspost.algorithms import LossInputs, policy_loss
 from dspost.config import GRPORecipe
 from dspost.data.packing import first_fit_decreasing
-from dspost.distributed import all_reduce_sum, free_port, init_group
+from dspost.distributed import all_reduce_sum, init_group
 from dspost.training import Optimizer, check_finite, compile_if_asked, device, save_training_checkpoint, torch_dtype
 
 
@@ -126,7 +126,7 @@ class TrainerWorker:
         self.ref = (from_pretrained(model_path, dtype=torch_dtype(m)).to(self.device).eval()
                     if recipe.algorithm.kl_beta > 0 else None)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
-        self.transport = None  # set by connect_weight_transfer (NCCL); the object store needs no state
+        self.transport = None  # set by connect_weight_transfer
         # The schedule follows optimizer steps: `algorithm.minibatches` of them per rollout batch.
         self.optimizer = Optimizer(self.model, t, t.max_steps * recipe.algorithm.minibatches, world, self.model,
                                    m.bias_update_speed)
@@ -202,15 +202,17 @@ class TrainerWorker:
         metrics["train/seconds"] = time.perf_counter() - t0
         return metrics
 
-    def connect_weight_transfer(self, workers: list, bucket_bytes: int) -> None:
-        """NCCL: open a group to each rollout worker, once, before the first sync."""
-        import ray
+    def connect_weight_transfer(self, workers: list) -> None:
+        """The recipe's weight transport (`rollout/sync.py`) to the rollout workers, once, before the first sync."""
+        from dspost.rollout.sync import TRANSPORTS
 
-        from dspost.rollout.sync import NCCLTransport
+        cfg = self.recipe.sync
+        self.transport = TRANSPORTS[cfg.transport](int(cfg.bucket_mb * 2**20))
+        self.transport.connect(workers)
 
-        self.transport = NCCLTransport(bucket_bytes)
-        self.transport.connect(workers, self._checkpoint_tensors, ray.util.get_node_ip_address(),
-                               [free_port() for _ in workers])
+    def rejoin_weight_transfer(self, index: int, worker) -> None:
+        """A restarted rollout worker to the last pushed weights (the pool calls this)."""
+        self.transport.rejoin(index, worker)
 
     def _checkpoint_tensors(self):
         from dspost.model import hf_tensors
@@ -220,13 +222,11 @@ class TrainerWorker:
         quantize = self.recipe.sync.quantize
         return quantize_named(named, quantize) if quantize != "none" else named
 
-    def publish_weights(self, transport: str, bucket_bytes: int) -> list | None:
-        """Object store: the current weights (HF names) in bucket refs. NCCL: pushed to the engines, None."""
-        from dspost.rollout.sync import TRANSPORTS
-
-        if self.transport is not None:
-            return self.transport.publish()
-        return TRANSPORTS[transport](bucket_bytes).publish(self._checkpoint_tensors())
+    def publish_weights(self, version: int) -> dict[str, float]:
+        """The current weights (HF names) into every engine, which then serves `version`."""
+        stats = self.transport.push(self._checkpoint_tensors(), version)
+        return {"sync/bytes": float(stats.bytes), "sync/push_seconds": stats.seconds,
+                "sync/load_seconds": stats.load_seconds}
 
     @torch.no_grad()
     def sequence_logprobs(self, seqs: list[list[int]]) -> list[list[float]]:

@@ -60,10 +60,10 @@ class Mutant:
 # scoring-pool rows. Until a placeholder is replaced by a real test id, running its row stops the whole run with
 # "test id not found" (exit 2), never "caught".
 PENDING = {
-    "grpo_weights_move": "tests/dspost/test_grpo.py::FILL_IN_grpo_weights_move_and_the_engine_serves_them",
-    "grpo_noop_sync_raises": "tests/dspost/test_grpo.py::FILL_IN_forced_noop_sync_raises_parity_error",
-    "grpo_resume": "tests/dspost/test_grpo.py::FILL_IN_resume_matches_the_uninterrupted_run",
-    "restart_reloads": "tests/dspost/test_grpo.py::FILL_IN_restarted_rollout_worker_serves_the_synced_weights",
+    "grpo_weights_move": "tests/dspost/test_grpo.py::test_grpo_moves_the_weights_the_engine_serves_them_and_resume_repeats_the_run",
+    "grpo_noop_sync_raises": "tests/dspost/test_grpo.py::test_a_sync_that_does_not_reach_the_engine_stops_the_run",
+    "grpo_resume": "tests/dspost/test_grpo.py::test_grpo_moves_the_weights_the_engine_serves_them_and_resume_repeats_the_run",
+    "restart_reloads": "tests/dspost/test_grpo.py::test_a_killed_rollout_worker_restarts_on_the_pushed_weights_and_reruns_its_batch",
     "pool_timeout": "tests/rewards/test_pool.py::FILL_IN_stuck_item_comes_back_timeout",
 }
 # ================================================================================================================
@@ -87,16 +87,16 @@ LOSS_TABLE = '"grpo": grpo_loss, "dr_grpo": dr_grpo_loss, "dapo": dapo_loss, "gs
 
 MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- GRPO end to end (tests: the lead's)
-    Mutant("grpo-weight-sync-noop", "dspost/rl.py", "self.pool.sync(refs, step + 1)", "None",
+    Mutant("grpo-weight-sync-noop", "dspost/rl.py", "metrics = actor_get(self.trainers[0].publish_weights.remote(step + 1))", "metrics = {}",
            (PENDING["grpo_weights_move"],), "run_grpo's weight sync does nothing"),
     Mutant("check-parity-never-raises", "dspost/rl.py", "if not mx <= threshold:", "if False:",
            (PENDING["grpo_noop_sync_raises"],), "check_parity never raises ParityError"),
     Mutant("grpo-resume-drops-optimizer-state", "dspost/trainer_worker.py",
-           'self.step = load_training_state(Path(resume_from), self.opt)["opt_steps"] if resume_from else 0',
-           "self.step = 0", (PENDING["grpo_resume"],),
+           "self.optimizer.resume(Path(resume_from) if resume_from else None)",
+           "self.optimizer.resume(None)", (PENDING["grpo_resume"],),
            "a resumed trainer starts with a fresh optimizer and learning-rate schedule"),
     Mutant("restarted-worker-skips-reload", "rollout/pool.py",
-           "ray.get(self.workers[i].load_weights.remote(*self.last_sync))", "pass",
+           "            self.rejoin(i, self.workers[i])", "            pass",
            (PENDING["restart_reloads"],), "a restarted rollout worker serves its start-up weights"),
     # ---------------------------------------------------------------------- scoring pool (another helper)
     Mutant("pool-timeout-as-error", "rewards/pool.py", 'Verdict(0.0, "timeout", None,', 'Verdict(0.0, "error", None,',

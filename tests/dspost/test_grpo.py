@@ -120,8 +120,9 @@ def test_a_sync_that_does_not_reach_the_engine_stops_the_run(cluster, policy, tm
     assert not (out / "checkpoints" / "latest").exists()  # nothing saved past the failed probe
 
 
-def test_killed_rollout_worker_is_restarted_and_its_batch_rerun(cluster, policy):
+def test_a_killed_rollout_worker_restarts_on_the_pushed_weights_and_reruns_its_batch(cluster, policy):
     import ray
+    import torch
 
     from dspost.model import from_pretrained, hf_tensors
     from dspost.rollout.engine import SamplingConfig
@@ -131,9 +132,19 @@ def test_killed_rollout_worker_is_restarted_and_its_batch_rerun(cluster, policy)
     pool = RolloutPool(1, str(policy), WorkerSpec(1, 0, None, {"rollout_node": 1}),
                        {"kv_cache_gb": 1, "max_model_len": 128})
     try:
+        transport = ObjectStoreTransport(1 << 20)
+        transport.connect(pool.workers)
+        pool.rejoin = transport.rejoin
+        probe = [[5, 6, 7, 8, 9, 10, 11, 12]]
+        served = pool.sequence_logprobs(probe)
         model = from_pretrained(policy)
-        named = list(hf_tensors(model, include_mtp=False))
-        pool.sync(ObjectStoreTransport(1 << 20).publish(named), version=5)
+        with torch.no_grad():  # weights the worker's checkpoint does not hold
+            g = torch.Generator().manual_seed(0)
+            for _, t in hf_tensors(model):
+                t.add_(torch.randn(t.shape, generator=g) * 0.05)
+        transport.push(list(hf_tensors(model, include_mtp=False)), version=5)
+        pushed = pool.sequence_logprobs(probe)
+        assert max(abs(a - b) for a, b in zip(pushed[0], served[0])) > 1e-2
         sampling = SamplingConfig(n=1, temperature=0.0, max_tokens=8)
         prompts = [[5, 6, 7], [8, 9]]
         before = pool.generate(prompts, sampling, seed=0)
@@ -141,6 +152,7 @@ def test_killed_rollout_worker_is_restarted_and_its_batch_rerun(cluster, policy)
         after = pool.generate(prompts, sampling, seed=0)
         assert pool.restarts == 1
         assert [s.response_ids for s in after] == [s.response_ids for s in before]
+        assert pool.sequence_logprobs(probe) == pushed  # the pushed weights, not the checkpoint it started from
         assert pool.versions() == [5] and all(s.version == 5 for s in after)
     finally:
         pool.shutdown()
