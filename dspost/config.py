@@ -78,13 +78,45 @@ class ModelSection(Section):
     """Alpha of the optional sequence-wise balance loss (DeepSeek-V3 uses 1e-4)."""
 
 
+class SourceSection(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """The source's domain: rows carry it through rollout, scoring and metrics (`eval/<name>/accuracy`); reward
+    terms and teachers name it in their `domains`."""
+    weight: float = Field(1.0, gt=0.0, le=1000.0)
+    """Mixing weight: a step draws this source's share of its prompts (SFT: of its batch) in proportion."""
+    synthetic: Literal["math", "instruct"] | None = None
+    """A built-in synthetic set: `math` (sympy-checkable problems, `difficulty` levels) or `instruct` (level 1-2
+    math questions with verifiable formatting constraints, IFEval-shaped); unset = the file at `path`."""
+    path: str | None = None
+    """JSONL/JSON/CSV/Parquet file or a local `datasets` directory (with `format`, `columns`, `eval_path`)."""
+    format: Literal["auto", "gsm8k", "math", "chat", "prompt_completion", "code", "ifeval"] = "auto"
+    """How the file's rows are read (as `data.format`)."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Column renames for the file (as `data.columns`)."""
+    eval_path: str | None = None
+    """Separate held-out file (as `data.eval_path`)."""
+    num_train: int = Field(4000, ge=1)
+    """Synthetic set: number of training problems."""
+    num_eval: int = Field(200, ge=1)
+    """Held-out rows (synthetic: a fixed split; files: as `data.num_eval`)."""
+    difficulty: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
+    """Synthetic math: difficulty levels."""
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> "SourceSection":
+        if (self.synthetic is None) == (self.path is None):
+            raise ValueError(f"data.sources: {self.name}: set exactly one of synthetic and path")
+        return self
+
+
 class DataSection(Section):
     path: str | None = None
     """JSONL/JSON/Parquet file or a local `datasets` directory; unset = the built-in synthetic math set."""
-    format: Literal["auto", "gsm8k", "math", "chat", "prompt_completion", "code", "pairwise", "llmbar",
+    format: Literal["auto", "gsm8k", "math", "chat", "prompt_completion", "code", "ifeval", "pairwise", "llmbar",
                     "hh_rlhf"] = "auto"
     """How rows are read: GSM8K (`question`, `answer` with `#### N`), MATH (`problem`, `answer`),
-    chat (`messages`), prompt/completion pairs, HumanEval-style `code`; preference pairs for reward models:
+    chat (`messages`), prompt/completion pairs, HumanEval-style `code`, IFEval (`prompt`, `instruction_id_list`,
+    `kwargs`: RL prompts with verifiable instructions, no target); preference pairs for reward models:
     `pairwise` (`prompt`, `chosen`, `rejected`), `llmbar` (`input`, `output_1`, `output_2`, `label`),
     `hh_rlhf` (`chosen`/`rejected` transcripts); `auto` infers it from the columns."""
     columns: dict[str, str] = Field(default_factory=dict)
@@ -108,6 +140,18 @@ class DataSection(Section):
     """Stop with an error if more than this fraction of rows is malformed."""
     seed: Seed = 0
     """Seed of the synthetic generator and of the data order, in [0, 2**32)."""
+    sources: list[SourceSection] = Field(default_factory=list)
+    """Several named sources (domains) mixed by weight, each synthetic or a file with its own held-out split; unset =
+    the one source the fields above describe (domain-less: metrics keep their plain names)."""
+
+    @model_validator(mode="after")
+    def _sources_or_fields(self) -> "DataSection":
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sources: duplicate source names {names}")
+        if self.sources and (self.path or self.eval_path or self.columns or self.format != "auto"):
+            raise ValueError("sources: give files inside data.sources[], not data.path/eval_path/format/columns beside it")
+        return self
 
 
 class LoraSection(Section):
@@ -304,6 +348,9 @@ class RewardTerm(Section):
     sum meets DAPO's overlong penalty (in [-1, 0]) and, under `dr_grpo`, scales the gradient as is."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Keyword options of the reward function (e.g. `code`: `partial: true` scores the passed fraction)."""
+    domains: list[str] = Field(default_factory=list)
+    """The data sources this term scores (empty = all); other samples get 0 from it. The first rule term of a domain
+    is its verifier, which grades `eval/<domain>/accuracy`. A term of weight 0 only grades evaluation."""
 
     @field_validator("options")
     @classmethod
@@ -423,6 +470,16 @@ class GRPORecipe(StageBase):
             raise ValueError(f"algorithm.overlong_buffer: {self.algorithm.overlong_buffer} is not below "
                              f"rollout.max_tokens={self.rollout.max_tokens}, so DAPO would penalise every response "
                              "from its first token")
+        return self
+
+    @model_validator(mode="after")
+    def _domains_exist(self) -> "GRPORecipe":
+        sources = [src.name for src in self.data.sources]
+        for i, term in enumerate(self.rewards.terms):
+            unknown = [d for d in term.domains if d not in sources]
+            if unknown:
+                raise ValueError(f"rewards.terms.{i}.domains: {unknown[0]!r} is not a data source "
+                                 f"(data.sources: {sources or 'none'})")
         return self
 
     @model_validator(mode="after")

@@ -198,6 +198,11 @@ def check_paths(recipe: Recipe) -> None:
             value = getattr(data, field, None) if data is not None else None
             if value and (problem := _data_problem(value)):
                 raise RecipeError(f"{prefix}data.{field}: {problem}")
+        for j, src in enumerate(getattr(data, "sources", None) or []):
+            for field in ("path", "eval_path"):
+                value = getattr(src, field)
+                if value and (problem := _data_problem(value)):
+                    raise RecipeError(f"{prefix}data.sources.{j}.{field}: {problem}")
         for j, teacher in enumerate(getattr(stage, "teachers", []) or []):
             if teacher.path and (problem := _checkpoint_problem(teacher.path)):
                 raise RecipeError(f"{prefix}teachers.{j}.path: {problem}")

@@ -36,10 +36,17 @@ def is_critic(name: str) -> bool:
 
 @dataclass
 class TermScores:
-    values: torch.Tensor  # [N] weighted scores (0 where the term could not score)
+    values: torch.Tensor  # [N] weighted scores (0 where the term could not score, or does not score the domain)
     metrics: dict[str, float]
     errors: int  # samples the term could not score (a crashed scorer, no sandbox, a failed critic)
+    scored: int  # samples of the term's domains
     first_error: str = ""
+    correct: torch.Tensor | None = None  # [N] bool, rule terms: the verdict was `correct`
+
+
+def in_domains(domains: list[str], examples: list[Example]) -> list[int]:
+    """Indices of the examples a term with these `domains` scores (all, when it names none)."""
+    return [i for i, ex in enumerate(examples) if not domains or ex.domain in domains]
 
 
 class RuleTerm:
@@ -47,7 +54,7 @@ class RuleTerm:
 
     def __init__(self, term: RewardTerm, pool: ScoringPool, timeout: float):
         self.name, self.key, self.weight, self.options = term.name, term.name, term.weight, term.options
-        self.target, self.pool, self.timeout = resolve(term.name), pool, timeout
+        self.domains, self.target, self.pool, self.timeout = term.domains, resolve(term.name), pool, timeout
 
     def check(self, step: int) -> dict[str, float]:
         return {}
@@ -58,12 +65,15 @@ class RuleTerm:
         return self.pool.map(self.target, items, self.timeout, self.options)
 
     def score(self, samples: list[Sample], examples: list[Example]) -> TermScores:
-        verdicts = self.verdicts(samples, examples)
+        mine = in_domains(self.domains, examples)
+        verdicts = self.verdicts([samples[i] for i in mine], [examples[i] for i in mine]) if mine else []
         errors = [v for v in verdicts if v.status == "error"]
         metrics = {f"reward/{self.key}/{status}": sum(v.status == status for v in verdicts) for status in STATUSES}
-        metrics[f"reward/{self.key}/mean"] = sum(v.score for v in verdicts) / len(verdicts)
-        return TermScores(self.weight * torch.tensor([v.score for v in verdicts]), metrics, len(errors),
-                          errors[0].detail if errors else "")
+        metrics[f"reward/{self.key}/mean"] = sum(v.score for v in verdicts) / max(len(verdicts), 1)
+        values, correct = torch.zeros(len(samples)), torch.zeros(len(samples), dtype=torch.bool)
+        for i, v in zip(mine, verdicts):
+            values[i], correct[i] = self.weight * v.score, v.status == "correct"
+        return TermScores(values, metrics, len(errors), len(mine), errors[0].detail if errors else "", correct)
 
     def close(self) -> None:
         pass
@@ -73,8 +83,9 @@ class CriticTerm:
     """A scalar critic (`critic:length`, `critic:rule:NAME`, `critic:DIR`), watched by the meta-critic when
     `rewards.meta_critic` names it."""
 
-    def __init__(self, name: str, weight: float, meta: MetaCriticSection | None = None, log=None):
-        self.name, self.weight, self.meta, self.log = name, weight, meta, log
+    def __init__(self, name: str, weight: float, meta: MetaCriticSection | None = None, log=None,
+                 domains: list[str] = ()):
+        self.name, self.weight, self.meta, self.log, self.domains = name, weight, meta, log, list(domains)
         # A metric-safe key: reward-model paths carry slashes, which would nest metric groups.
         self.key = "critic_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name[len(PREFIX):]).strip("_")[-40:]
         self.raw = make_critic(name[len(PREFIX):])
@@ -98,12 +109,16 @@ class CriticTerm:
 
     def score(self, samples: list[Sample], examples: list[Example]) -> TermScores:
         """Weighted scores (a failed score counts 0) of each sample against its prompt's last user turn."""
-        prompts = [next(m["content"] for m in reversed(ex.messages[:-1]) if m["role"] == "user") for ex in examples]
-        raw = self.state.critic.score(prompts, [s.text for s in samples], [ex.answer for ex in examples])
+        mine = in_domains(self.domains, examples)
+        prompts = [next(m["content"] for m in reversed(examples[i].messages[:-1]) if m["role"] == "user") for i in mine]
+        raw = self.state.critic.score(prompts, [samples[i].text for i in mine], [examples[i].answer for i in mine])
         failed = sum(s is None for s in raw)
-        values = self.weight * self.state.weight_scale * torch.tensor([0.0 if s is None else float(s) for s in raw])
-        return TermScores(values, {f"reward/{self.key}/mean": float(values.mean()), f"reward/{self.key}/error": failed},
-                          failed, "the critic gave no score" if failed else "")
+        values = torch.zeros(len(samples))
+        for i, s in zip(mine, raw):
+            values[i] = self.weight * self.state.weight_scale * (0.0 if s is None else float(s))
+        mean = float(values[mine].mean()) if mine else 0.0
+        return TermScores(values, {f"reward/{self.key}/mean": mean, f"reward/{self.key}/error": failed}, failed,
+                          len(mine), "the critic gave no score" if failed else "")
 
     def close(self) -> None:
         self.raw.close()
@@ -114,5 +129,10 @@ def reward_terms(rewards: RewardsSection, pool: ScoringPool, log=None) -> list[R
     meta = rewards.meta_critic
     critics = [t.name for t in rewards.terms if is_critic(t.name)]
     watched = (meta.term or critics[0]) if meta is not None else None
-    return [CriticTerm(t.name, t.weight, meta if t.name == watched else None, log) if is_critic(t.name)
+    return [CriticTerm(t.name, t.weight, meta if t.name == watched else None, log, t.domains) if is_critic(t.name)
             else RuleTerm(t, pool, rewards.timeout) for t in rewards.terms]
+
+
+def verifier(terms: list[RuleTerm | CriticTerm], domain: str | None) -> RuleTerm | None:
+    """A domain's verifier: the first rule term that scores it (weight 0 included: it grades evaluation)."""
+    return next((t for t in terms if isinstance(t, RuleTerm) and (not t.domains or domain in t.domains)), None)

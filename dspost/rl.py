@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from dspost.config import EvalSection, GRPORecipe, RewardsSection, RolloutSection
-from dspost.data.loading import BadRows, Example, load_examples
-from dspost.data.packing import batch_indices
+from dspost.data.loading import BadRows, Example
+from dspost.data.sources import Mixture, load_mixture, source_label
 from dspost.distributed import group_url, start_ray
-from dspost.reward_terms import CriticTerm, RuleTerm, reward_terms
+from dspost.reward_terms import CriticTerm, RuleTerm, reward_terms, verifier
 from dspost.rewards import ScoringPool
 from dspost.rollout.engine import Sample, SamplingConfig
 from dspost.rundir import RunDir
@@ -58,6 +58,12 @@ def actor_get(refs):
 
 
 @dataclass
+class Prompt:
+    example: Example
+    ids: list[int]  # the chat-templated prompt's token ids
+
+
+@dataclass
 class RLSession:
     """One RL stage's running state. Built by `rl_session`; the phases are its methods."""
 
@@ -66,10 +72,8 @@ class RLSession:
     pool: object  # dspost.rollout.pool.RolloutPool
     trainers: list
     terms: list[RuleTerm | CriticTerm]
-    train: list[Example]  # training prompts' examples, and their token ids
-    prompts: list[list[int]]
-    held_out: list[Example]
-    eval_prompts: list[list[int]]
+    train: Mixture[Prompt]  # training prompts, by data source
+    held_out: Mixture[Prompt]
     prober: ParityProbe
     start: int  # the first step to run (after the resumed checkpoint's)
     final: Path | None = None  # the newest checkpoint
@@ -82,15 +86,18 @@ class RLSession:
     def generate(self, step: int) -> tuple[list[Sample], list[Example]]:
         """`rollout.prompts_per_step` prompts x `rollout.n` samples, drawn as a function of (seed, step)."""
         r, t = self.recipe.rollout, self.recipe.trainer
-        idx = batch_indices(len(self.prompts), r.prompts_per_step, step, t.seed)
+        prompts = self.train.items
+        idx = self.train.batch(r.prompts_per_step, step, t.seed)
         sampling = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, stop=r.stop)
-        samples = self.pool.generate([self.prompts[i] for i in idx], sampling, seed=t.seed * 1_000_003 + step * 10_007)
-        return samples, [self.train[idx[s.prompt_index]] for s in samples]
+        samples = self.pool.generate([prompts[i].ids for i in idx], sampling, seed=t.seed * 1_000_003 + step * 10_007)
+        return samples, [prompts[idx[s.prompt_index]].example for s in samples]
 
     def score(self, samples: list[Sample], examples: list[Example], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """The summed weighted rewards of the recipe's terms [N] and their metrics, the meta-critic's included."""
-        meta = {k: v for term in self.terms for k, v in term.check(step).items()}
-        rewards, metrics = score(self.terms, samples, examples, self.recipe.rewards, step + 1)
+        """The summed weighted rewards of the recipe's terms [N] and their metrics, the meta-critic's included
+        (terms of weight 0 only grade evaluation)."""
+        terms = [term for term in self.terms if term.weight != 0]
+        meta = {k: v for term in terms for k, v in term.check(step).items()}
+        rewards, metrics = score(terms, samples, examples, self.recipe.rewards, step + 1)
         return rewards, {**metrics, **meta}
 
     def update(self, samples: list[Sample], advantages: torch.Tensor, keep: torch.Tensor, step: int,
@@ -120,8 +127,8 @@ class RLSession:
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Held-out accuracy under the recipe's decodings (see `evaluate`)."""
-        return evaluate(self.pool, self.eval_prompts, self.held_out, eval_decodings(self.recipe.eval, self.recipe.rollout),
-                        self.terms, self.recipe.rewards, self.recipe.trainer.seed, step)
+        return evaluate(self.pool, self.held_out, eval_decodings(self.recipe.eval, self.recipe.rollout), self.terms,
+                        self.recipe.rewards, self.recipe.trainer.seed, step)
 
     def end_step(self, step: int, metrics: dict[str, float], times: dict[str, float], progress=None) -> None:
         """Evaluate and save when due, then log the step's metrics and its phases' times."""
@@ -149,7 +156,7 @@ class RLSession:
 def rl_session(recipe: GRPORecipe, run: RunDir, model_path: Path) -> Iterator[RLSession]:
     """Start the pools, load and fit the prompts, set up the reward terms and the probe, and (on a fresh run)
     evaluate step 0; on exit, whatever happened, no actor, engine, scorer or critic outlives the run."""
-    train, held_out, bad = load_examples(recipe.data)
+    train, held_out, bad = load_mixture(recipe.data)
     with contextlib.ExitStack() as running:
         ray, own_ray = start_ray(recipe.ray)
         if own_ray:
@@ -160,21 +167,23 @@ def rl_session(recipe: GRPORecipe, run: RunDir, model_path: Path) -> Iterator[RL
                                      str(resume_from) if resume_from else None, running)
         run.log.info("placement: %s", placement(pool, trainers))
         tok = pool_tokenizer(model_path)
-        n_train = len(train)
-        train, prompts = fitting_prompts(tok, train, recipe.data.max_seq_len, bad, 0)
-        held_out, eval_prompts = fitting_prompts(tok, held_out, recipe.data.max_seq_len, bad, n_train)
-        bad.check(recipe.data.max_bad_fraction, recipe.data.path or "synthetic data")
-        run.log.info("data: %d prompts, %d held out; bad rows: %s", len(prompts), len(eval_prompts), bad.summary())
-        engine_len = recipe.data.max_seq_len + recipe.rollout.max_tokens
-        probe = [(p + tok(ex.messages[-1]["content"])["input_ids"])[:engine_len]
-                 for p, ex in zip(eval_prompts, held_out[:4])]
+        max_len = recipe.data.max_seq_len
+        n_train = {d: len(part) for d, part in train.parts.items()}
+        train = train.map(lambda d, part: fitting_prompts(tok, part, max_len, bad[d], 0))
+        held_out = held_out.map(lambda d, part: fitting_prompts(tok, part, max_len, bad[d], n_train[d]))
+        for d, b in bad.items():
+            b.check(recipe.data.max_bad_fraction, source_label(recipe.data, d))
+            run.log.info("data %s: %d prompts, %d held out; bad rows: %s", d or "", len(train.parts[d]),
+                         len(held_out.parts[d]), b.summary())
+        engine_len = max_len + recipe.rollout.max_tokens
+        probe = [(p.ids + tok(p.example.messages[-1]["content"])["input_ids"])[:engine_len] for p in held_out.items[:4]]
         scorer = running.enter_context(ScoringPool(recipe.rewards.num_workers))
         terms = reward_terms(recipe.rewards, scorer, run.log)
         for term in terms:
             running.callback(term.close)
         run.resumed(resume_from, start)
-        rl = RLSession(recipe, run, pool, trainers, terms, train, prompts, held_out, eval_prompts,
-                       ParityProbe(probe, recipe.sync.parity_threshold), start, resume_from)
+        rl = RLSession(recipe, run, pool, trainers, terms, train, held_out, ParityProbe(probe, recipe.sync.parity_threshold),
+                       start, resume_from)
         rl.parity = rl.prober.check(pool, trainers[0])
         if start == 0:
             run.log_metrics(0, {**rl.evaluate(0), **rl.parity})
@@ -237,38 +246,43 @@ def prompt_ids(tok, ex: Example) -> list[int]:
                                         return_dict=True)["input_ids"])
 
 
-def fitting_prompts(tok, examples: list[Example], max_len: int, bad: BadRows,
-                    offset: int) -> tuple[list[Example], list[list[int]]]:
-    """The examples whose prompt fits `data.max_seq_len` tokens (the engine serves max_seq_len + max_tokens) and
-    their token ids; longer ones are counted as bad rows instead of failing the engine mid-run."""
-    kept, ids = [], []
+def fitting_prompts(tok, examples: list[Example], max_len: int, bad: BadRows, offset: int) -> list[Prompt]:
+    """The prompts that fit `data.max_seq_len` tokens (the engine serves max_seq_len + max_tokens), tokenized;
+    longer ones are counted as bad rows instead of failing the engine mid-run."""
+    kept = []
     for i, ex in enumerate(examples):
         p = prompt_ids(tok, ex)
         if len(p) > max_len:
             bad.add(ex.row if ex.row is not None else offset + i, f"prompt longer than data.max_seq_len={max_len} tokens")
             continue
-        kept.append(ex)
-        ids.append(p)
-    return kept, ids
+        kept.append(Prompt(ex, p))
+    return kept
 
 
 # ------------------------------------------------------------------------------------- rewards and eval
 def score(terms: list[RuleTerm | CriticTerm], samples: list[Sample], examples: list[Example], cfg: RewardsSection,
           step: int) -> tuple[torch.Tensor, dict[str, float]]:
     """Summed weighted rewards [N] and their metrics. A term that could not score more than
-    `rewards.max_error_fraction` of the samples (a crashed scorer, no sandbox, a failed critic) stops the run:
+    `rewards.max_error_fraction` of its samples (a crashed scorer, no sandbox, a failed critic) stops the run:
     training on the zeros it gives them would teach the policy nothing true."""
     rewards = torch.zeros(len(samples))
     metrics: dict[str, float] = {}
-    for term in terms:
+    graded: dict[int, torch.Tensor] = {}
+    for k, term in enumerate(terms):
         scores = term.score(samples, examples)
-        check_errors(step, term.name, scores.errors, len(samples), cfg.max_error_fraction, scores.first_error)
+        check_errors(step, term.name, scores.errors, scores.scored, cfg.max_error_fraction, scores.first_error)
         rewards += scores.values
         metrics.update(scores.metrics)
+        if scores.correct is not None:
+            graded[k] = scores.correct
     metrics["reward/mean"], metrics["reward/std"] = float(rewards.mean()), float(rewards.std())
-    verifier = next((term for term in terms if isinstance(term, RuleTerm)), None)
-    if verifier is not None:  # the rollouts the first rule reward grades correct
-        metrics["train/accuracy"] = metrics[f"reward/{verifier.key}/correct"] / len(samples)
+    domains = sorted({ex.domain for ex in examples}, key=str)
+    for d in domains:  # the rollouts each domain's verifier grades correct
+        v = verifier(terms, d)
+        if v is not None:
+            mine = torch.tensor([ex.domain == d for ex in examples])
+            key = "train/accuracy" if d is None else f"train/{d}/accuracy"
+            metrics[key] = float(graded[terms.index(v)][mine].float().mean())
     return rewards, metrics
 
 
@@ -288,23 +302,32 @@ def eval_decodings(e: EvalSection, r: RolloutSection) -> dict[str, SamplingConfi
             "eval/accuracy_greedy": greedy}
 
 
-def evaluate(pool, prompts: list[list[int]], examples: list[Example], decodings: dict[str, SamplingConfig],
-             terms: list[RuleTerm | CriticTerm], cfg: RewardsSection, seed: int, step: int) -> dict[str, float]:
-    """Held-out accuracy under each named decoding: the fraction of samples the first rule reward (the task's
-    verifier: math, code, ...) grades correct. With critics only, the mean summed reward (`eval/reward...`)."""
-    verifier = next((term for term in terms if isinstance(term, RuleTerm)), None)
+def evaluate(pool, held_out: Mixture[Prompt], decodings: dict[str, SamplingConfig], terms: list[RuleTerm | CriticTerm],
+             cfg: RewardsSection, seed: int, step: int) -> dict[str, float]:
+    """Held-out accuracy under each named decoding: the fraction of samples the domain's verifier (its first rule
+    term: math, code, instruct, ...) grades correct, `eval/<domain>/accuracy` per source and their mean as
+    `eval/accuracy`. A domain without a verifier reports its mean summed reward (`eval/<domain>/reward`)."""
+    prompts = held_out.items
     out = {}
     for key, decoding in decodings.items():
-        samples = pool.generate(prompts, decoding, seed=seed)
-        held_out = [examples[s.prompt_index] for s in samples]
-        if verifier is None:
-            out[key.replace("accuracy", "reward")] = float(score(terms, samples, held_out, cfg, step)[0].mean())
-            continue
-        verdicts = verifier.verdicts(samples, held_out)
-        errors = [v for v in verdicts if v.status == "error"]
-        check_errors(step, f"{verifier.name} ({key})", len(errors), len(verdicts), cfg.max_error_fraction,
-                     errors[0].detail if errors else "")
-        out[key] = sum(v.status == "correct" for v in verdicts) / len(verdicts)
+        samples = pool.generate([p.ids for p in prompts], decoding, seed=seed)
+        per_domain = []
+        for d in held_out.domains:
+            mine = [s for s in samples if prompts[s.prompt_index].example.domain == d]
+            examples = [prompts[s.prompt_index].example for s in mine]
+            name = key if d is None else key.replace("eval/", f"eval/{d}/")
+            v = verifier(terms, d)
+            if v is None:
+                out[name.replace("accuracy", "reward")] = float(score(terms, mine, examples, cfg, step)[0].mean())
+                continue
+            verdicts = v.verdicts(mine, examples)
+            errors = [x for x in verdicts if x.status == "error"]
+            check_errors(step, f"{v.name} ({name})", len(errors), len(verdicts), cfg.max_error_fraction,
+                         errors[0].detail if errors else "")
+            out[name] = sum(x.status == "correct" for x in verdicts) / len(verdicts)
+            per_domain.append(out[name])
+        if held_out.domains != [None] and per_domain:
+            out[key] = sum(per_domain) / len(per_domain)
     return out
 
 

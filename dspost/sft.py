@@ -16,7 +16,8 @@ import torch
 
 from dspost.config import SFTRecipe
 from dspost.data.loading import BadRows, Example
-from dspost.data.packing import Tokenized, batch_indices, collate, collate_packed, one_row, pack
+from dspost.data.packing import Tokenized, collate, collate_packed, one_row, pack
+from dspost.data.sources import load_mixture, source_label
 from dspost.distributed import all_reduce_mean, group_url, init_group, shutdown_group, start_ray
 from dspost.lora import add_adapters, is_ours, load_adapters, merge_lora, merged
 from dspost.model.quant import apply_training_precision
@@ -72,26 +73,41 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, tok) -> list[li
     return [row[L:].tolist() for row in out]
 
 
+VERIFIERS = {"instruct": lambda ex: "instruction_id_list" in ex.extra, "math": lambda ex: ex.answer is not None}
+"""The reward that grades a held-out example's answer in SFT evaluation, by what the example carries."""
+
+
+def verifier_of(ex: Example) -> str | None:
+    return next((name for name, applies in VERIFIERS.items() if applies(ex)), None)
+
+
 @torch.no_grad()
 def eval_accuracy(model, examples: list[Example], tok, scorer, max_new_tokens: int = 48, batch_size: int = 32,
-                  timeout: float = 5.0) -> float:
-    """Greedy-decode the held-out prompts and grade the final answers with the math verifier, in the scoring
-    pool's worker processes (`scorer`): model output is never parsed inside the trainer."""
-    from dspost.rewards import verify_math_batch
+                  timeout: float = 5.0) -> dict[str | None, float]:
+    """Greedy-decode the held-out prompts and grade them with each example's verifier (`VERIFIERS`: the
+    instruction checker for instruction-following rows, the math verifier for rows with an answer), in the scoring
+    pool's worker processes (`scorer`): model output is never parsed inside the trainer. Accuracy per domain."""
+    from dspost.rewards import resolve
 
     model.eval()
-    scored = [ex for ex in examples if ex.answer is not None]
-    pairs = []
+    scored = [ex for ex in examples if verifier_of(ex) is not None]
+    texts = []
     for i in range(0, len(scored), batch_size):
         chunk = scored[i: i + batch_size]
         prompts = [list(tok.apply_chat_template(ex.messages[:-1], tokenize=True, add_generation_prompt=True,
                                                 return_dict=True)["input_ids"]) for ex in chunk]
         with merged(model) as plain:
             outs = greedy(plain, prompts, max_new_tokens, tok)
-        pairs += [(tok.decode(out, skip_special_tokens=True), ex.answer) for ex, out in zip(chunk, outs)]
+        texts += [tok.decode(out, skip_special_tokens=True) for out in outs]
     model.train()
-    verdicts = verify_math_batch(pairs, timeout=timeout, pool=scorer)
-    return sum(v.status == "correct" for v in verdicts) / max(len(scored), 1)
+    correct: dict[str | None, list[bool]] = {}
+    for name in VERIFIERS:
+        mine = [i for i, ex in enumerate(scored) if verifier_of(ex) == name]
+        verdicts = scorer.map(resolve(name), [(texts[i], {"answer": scored[i].answer, **scored[i].extra}) for i in mine],
+                              timeout) if mine else []
+        for i, v in zip(mine, verdicts):
+            correct.setdefault(scored[i].domain, []).append(v.status == "correct")
+    return {d: sum(c) / len(c) for d, c in correct.items()}
 
 
 def lm_loss(model, ids, labels, segments=None, positions=None):
@@ -114,14 +130,13 @@ class SFTWorker:
 
     def __init__(self, recipe: SFTRecipe, model_path: str, rank: int = 0, world: int = 1, dist_url: str | None = None,
                  resume_from: str | None = None):
-        self.args = (recipe, model_path, dist_url, resume_from)
+        self.args, self.recipe = (recipe, model_path, dist_url, resume_from), recipe
         self.t, self.rank, self.world = recipe.trainer, rank, world
         self.scorer = None  # the scoring pool grading held-out answers (rank 0 evaluates)
 
     def setup(self) -> dict:
         """Load data and model (separate from `__init__` so that a Ray actor's bad-input error reaches the
         driver as itself, not as a dead actor)."""
-        from dspost.data.loading import load_examples
         from dspost.lora import load_base
         from dspost.model import load_tokenizer
 
@@ -133,12 +148,20 @@ class SFTWorker:
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         self.tok = tok = load_tokenizer(model_path)
-        train_ex, self.eval_ex, bad = load_examples(d)
-        self.train = tokenize(train_ex, tok, d.max_seq_len, bad)
-        self.packed = pack(self.train, d.max_seq_len) if d.pack else None
-        self.held_out = tokenize(self.eval_ex, tok, d.max_seq_len, bad, offset=len(train_ex))
-        bad.check(d.max_bad_fraction, d.path or "synthetic data")
-        self.notes = [f"data: {len(self.train)} train, {len(self.held_out)} held-out samples; bad rows: {bad.summary()}"]
+        train, held_out, bad = load_mixture(d)
+        n_train = {dom: len(part) for dom, part in train.parts.items()}
+        self.train = train.map(lambda dom, part: tokenize(part, tok, d.max_seq_len, bad[dom]))
+        # Packed rows hold one source's samples each, so a batch keeps the sources' mixing weights.
+        self.batches = self.train.map(lambda dom, part: pack(part, d.max_seq_len)) if d.pack else self.train
+        self.items = self.batches.items
+        self.eval_ex = held_out.items
+        self.held_out = [x for dom, part in held_out.parts.items()
+                         for x in tokenize(part, tok, d.max_seq_len, bad[dom], offset=n_train[dom])]
+        self.notes = []
+        for dom, b in bad.items():
+            b.check(d.max_bad_fraction, source_label(d, dom))
+            self.notes.append(f"data {dom or ''}: {len(self.train.parts[dom])} train, "
+                              f"{len(held_out.parts[dom])} held-out samples; bad rows: {b.summary()}")
 
         model = load_base(model_path if t.lora else (resume_from or model_path), dtype=torch_dtype(m))
         self.ours = is_ours(model)
@@ -168,17 +191,17 @@ class SFTWorker:
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         t = self.t
-        idx = batch_indices(len(self.packed or self.train), t.batch_size, step, t.seed)
+        idx = self.batches.batch(t.batch_size, step, t.seed)
         share = t.batch_size // self.world
         idx = idx[self.rank * share:(self.rank + 1) * share]
         micro = share // t.grad_accum
         sums = {"loss": 0.0, "lm": 0.0, "mtp": 0.0, "tokens": 0.0, "real_tokens": 0.0}
         for j in range(t.grad_accum):
             chunk = idx[j * micro:(j + 1) * micro]
-            items = [self.packed[i] for i in chunk] if self.packed is not None else [self.train[i] for i in chunk]
+            items = [self.items[i] for i in chunk]
             if self.padding_free:
                 ids, labels, segments, positions = collate_packed([one_row(items)], self.tok.pad_token_id)
-            elif self.packed is not None:
+            elif self.recipe.data.pack:
                 ids, labels, segments, positions = collate_packed(items, self.tok.pad_token_id)
             else:
                 (ids, labels), segments, positions = collate(items, self.tok.pad_token_id), None, None
@@ -193,7 +216,7 @@ class SFTWorker:
             sums["mtp"] += sum(x.item() for x in mtp) / t.grad_accum
             sums["tokens"] += ids.numel()
             sums["real_tokens"] += float((segments >= 0).sum()) if segments is not None else sum(
-                len(self.train[i].input_ids) for i in chunk)
+                len(item.input_ids) for item in items)
         lr = self.optimizer.lr
         grad_norm = self.optimizer.step(step + 1)
         sums = all_reduce_mean(sums, self.world)
@@ -213,12 +236,22 @@ class SFTWorker:
 
     def evaluate(self) -> dict[str, float]:
         metrics = {"eval/loss": eval_loss(self.model, self.held_out, self.tok.pad_token_id, 32)}
-        if any(ex.answer is not None for ex in self.eval_ex):
+        graded = [ex for ex in self.eval_ex if verifier_of(ex) is not None]
+        if graded:
             if self.scorer is None:  # started on first use: runs without verifiable answers need no workers
                 from dspost.rewards import ScoringPool
 
                 self.scorer = ScoringPool(1)
-            metrics["eval/accuracy"] = eval_accuracy(self.model, self.eval_ex[:100], self.tok, self.scorer)
+            per_domain = {}  # at most 100 held-out examples per domain, as before per run
+            for ex in graded:
+                per_domain.setdefault(ex.domain, [])
+                if len(per_domain[ex.domain]) < 100:
+                    per_domain[ex.domain].append(ex)
+            accuracy = eval_accuracy(self.model, [ex for part in per_domain.values() for ex in part], self.tok, self.scorer)
+            for dom, acc in accuracy.items():
+                metrics["eval/accuracy" if dom is None else f"eval/{dom}/accuracy"] = acc
+            if None not in accuracy:
+                metrics["eval/accuracy"] = sum(accuracy.values()) / len(accuracy)
         return metrics
 
     def save(self, path: str, step: int) -> str:

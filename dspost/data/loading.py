@@ -59,6 +59,7 @@ class Example:
     answer: str | None = None  # gold final answer, when the format has one (for verifiers)
     extra: dict[str, Any] = field(default_factory=dict)  # other fields rewards read (code: tests, entry_point)
     row: int | None = None  # the row it came from, numbered as in `BadRows` (None: synthetic)
+    domain: str | None = None  # the data source it came from (`data.sources[].name`; None: a single source)
 
 
 @dataclass

@@ -47,8 +47,8 @@ def test_prompts_longer_than_the_engine_allows_are_counted_bad_rows():
     ex = lambda q: Example([{"role": "user", "content": q}, {"role": "assistant", "content": "1"}], "1")  # noqa: E731
     examples = [ex("What is 1 + 1?"), ex("What is " + " + ".join(["1"] * 200) + "?"), ex("What is 2 + 2?")]
     bad = BadRows(total=3)
-    kept, ids = fitting_prompts(tok, examples, 64, bad, offset=10)
-    assert kept == [examples[0], examples[2]] and all(len(p) <= 64 for p in ids)
+    kept = fitting_prompts(tok, examples, 64, bad, offset=10)
+    assert [p.example for p in kept] == [examples[0], examples[2]] and all(len(p.ids) <= 64 for p in kept)
     assert bad.count == 1 and bad.first == {"prompt longer than data.max_seq_len=64 tokens": 11}
 
 
@@ -125,4 +125,4 @@ def test_held_out_answers_are_graded_in_the_scoring_pool_not_the_trainer(monkeyp
                         str(i + 1)) for i in range(3)]
     with ScoringPool(1) as pool:
         acc = eval_accuracy(from_pretrained(path), examples, load_tokenizer(str(path)), pool, max_new_tokens=4)
-    assert 0.0 <= acc <= 1.0
+    assert list(acc) == [None] and 0.0 <= acc[None] <= 1.0

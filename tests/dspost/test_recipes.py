@@ -188,6 +188,16 @@ CASES = [
     ("negative bootstrap seed", "kind: eval_rm\nseed: -1\n", [], "seed: Input should be greater than or equal to 0"),
     ("steps past the seed range", GOOD_SFT,
      ["trainer.max_steps=10000000000"], "trainer.max_steps: Input should be less than or equal to"),
+    ("reward term of an unknown domain", "kind: grpo\ndata:\n  sources: [{name: math, synthetic: math}]\n"
+     "rewards:\n  terms: [{name: math, domains: [code]}]\n", [], "rewards.terms.0.domains: 'code' is not a data source"),
+    ("duplicate source names", "kind: sft\ndata:\n  sources: [{name: a, synthetic: math}, {name: a, synthetic: math}]\n",
+     [], "data.sources: duplicate source names"),
+    ("source with two origins", "kind: sft\ndata:\n  sources: [{name: a, synthetic: math, path: rows}]\n", [],
+     "set exactly one of synthetic and path"),
+    ("sources beside data.path", "kind: sft\ndata:\n  path: rows\n  sources: [{name: a, synthetic: math}]\n", [],
+     "give files inside data.sources[]"),
+    ("missing source file", "kind: sft\ndata:\n  sources: [{name: a, path: /nonexistent/x.jsonl}]\n", [],
+     "data.sources.0.path: no such file"),
     # Options a stage would ignore are refused, not accepted and dropped.
     ("batch size of an RL step", "kind: grpo\ntrainer:\n  batch_size: 32\n", [],
      "trainer.batch_size: an RL step trains on its rollout"),
