@@ -281,7 +281,7 @@ def test_outcome_advantage_is_a_policy_gradient_beside_the_distillation(estimato
     x.outcome_advantages = outcome
     loss, _, metrics = distill_loss(x, estimator, CFG)
     want, _ = token_pg_loss(LossInputs(x.logprobs, x.old_logprobs, x.rollout_logprobs, outcome, x.mask), CFG)
-    assert float(loss) == pytest.approx(float(want), rel=1e-12) and float(want) != 0
+    assert loss.item() == pytest.approx(want.item(), rel=1e-12) and want.item() != 0
     torch.testing.assert_close(torch.autograd.grad(loss, z, retain_graph=True)[0], torch.autograd.grad(want, z)[0],
                                rtol=1e-12, atol=1e-15)
     assert "clip_frac" in metrics
@@ -298,7 +298,7 @@ def test_teacher_weight_scales_the_distillation(estimator):
         x.weights = torch.zeros(3, dtype=F64)
         x.weights[i] = 1.0
         parts.append(w * distill_loss(x, estimator, CFG)[0])
-    assert float(loss) == pytest.approx(float(sum(parts)), rel=1e-12)
+    assert loss.item() == pytest.approx(sum(parts).item(), rel=1e-12)
     x.weights = torch.tensor([1.0, 0.0, 1.0], dtype=F64)
     assert not torch.autograd.grad(distill_loss(x, estimator, CFG)[0], z)[0][1].any()
 
@@ -365,7 +365,7 @@ def test_per_token_advantages_in_the_policy_losses():
         cfg = AlgorithmSection(loss=loss)
         a, _ = policy_loss(LossInputs(lp, old, old, adv, mask), cfg)
         b, _ = policy_loss(LossInputs(lp, old, old, adv[:, None].expand(3, 4), mask), cfg)
-        assert float(a) == pytest.approx(float(b), rel=1e-12)
+        assert a.item() == pytest.approx(b.item(), rel=1e-12)
         torch.testing.assert_close(torch.autograd.grad(a, lp)[0], torch.autograd.grad(b, lp)[0])
     with pytest.raises(ValueError, match="gspo takes one advantage per sequence"):
         policy_loss(LossInputs(lp, old, old, adv[:, None].expand(3, 4), mask), AlgorithmSection(loss="gspo"))
