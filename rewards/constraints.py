@@ -110,9 +110,9 @@ CONSTRAINTS: Mapping[str, Constraint] = MappingProxyType({
 })
 
 
-def constraint_problem(instruction_ids: Any, kwargs: Any) -> str | None:
-    """Why these ids and kwargs cannot be checked (an unknown id, a missing or bad argument), or None. Keys with
-    a null value are not arguments: columnar formats give every row's kwargs every key seen in the column."""
+def shape_problem(instruction_ids: Any, kwargs: Any) -> str | None:
+    """Why `instruction_id_list` and `kwargs` are not IFEval's shape (a non-empty list of ids, one kwargs object
+    per id), or None."""
     if not isinstance(instruction_ids, list) or not all(isinstance(i, str) for i in instruction_ids):
         return "instruction_id_list is not a list of strings"
     if not instruction_ids:
@@ -120,6 +120,14 @@ def constraint_problem(instruction_ids: Any, kwargs: Any) -> str | None:
     if not isinstance(kwargs, list) or len(kwargs) != len(instruction_ids) or not all(
             isinstance(k, dict) for k in kwargs):
         return f"kwargs is not a list of {len(instruction_ids)} objects, one per instruction id"
+    return None
+
+
+def constraint_problem(instruction_ids: Any, kwargs: Any) -> str | None:
+    """Why these ids and kwargs cannot be checked (an unknown id, a missing or bad argument), or None. Keys with
+    a null value are not arguments: columnar formats give every row's kwargs every key seen in the column."""
+    if problem := shape_problem(instruction_ids, kwargs):
+        return problem
     for iid, kw in zip(instruction_ids, kwargs):
         if iid not in CONSTRAINTS:
             return f"unknown instruction id {iid!r} (known: {', '.join(CONSTRAINTS)})"

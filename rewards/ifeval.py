@@ -1,15 +1,15 @@
 """Real IFEval rows graded by Google's reference checks as packaged in `if-verifiable` (pinned 0.1.2, the
 `ifeval` extra), rather than by a re-implementation of the benchmark.
 
-The package is used with four guards, each measured: (1) an unknown instruction id is skipped by it silently
+The package is used with three guards, each for a measured fault: (1) an unknown instruction id is skipped by it silently
 (score 0, nothing checked), and a missing or unusable argument (`num_words: null`, `keywords: []`) makes it
 draw one with the global `random`: such rows are refused, naming the id; (2) `langdetect` (the case and language
 checks) is unseeded and disagreed with itself on 5 of 300 short strings between runs: it is seeded before every
 check (`DetectorFactory.seed = 0`), so a verdict repeats, as exact resume needs; (3) two checks need NLTK data the
 package does not ship and that cannot be downloaded here (`length_constraints:number_sentences`,
 `change_case:capital_word_frequency`): `ifeval_problem(..., probe=True)` runs each check once on a probe text so
-that the loader counts such rows as bad with the reason, on any machine whose NLTK data is missing; (4) it is
-imported only when used (its `import` pulls `datasets`, ~1 s)."""
+that the loader counts such rows as bad with the reason, on any machine whose NLTK data is missing. It is
+imported only when used: its `import` pulls `datasets` (1.4 s here)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
+from dspost.rewards.constraints import shape_problem
 from dspost.rewards.verdict import Verdict
 
 MISSING = "IFEval checks need the if-verifiable package: pip install 'dspost[ifeval]'"
@@ -51,13 +52,8 @@ def ifeval_problem(instruction_ids: Any, kwargs: Any, checkers: Mapping[str, typ
     """Why a row's ids and kwargs cannot be graded repeatably, or None. Null-valued kwargs are absent ones
     (the Hugging Face copy of IFEval gives every row every key). `probe`: also run each check once, which
     finds the checks this machine cannot run (missing NLTK data)."""
-    if not isinstance(instruction_ids, list) or not all(isinstance(i, str) for i in instruction_ids):
-        return "instruction_id_list is not a list of strings"
-    if not instruction_ids:
-        return "instruction_id_list is empty"
-    if not isinstance(kwargs, list) or len(kwargs) != len(instruction_ids) or not all(
-            isinstance(k, dict) for k in kwargs):
-        return f"kwargs is not a list of {len(instruction_ids)} objects, one per instruction id"
+    if problem := shape_problem(instruction_ids, kwargs):
+        return problem
     for iid, kw in zip(instruction_ids, kwargs):
         if iid not in checkers:
             return f"unknown IFEval instruction id {iid!r}"
