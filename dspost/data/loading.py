@@ -1,7 +1,8 @@
 """Rows in, chat messages out: the built-in synthetic set or a user file.
 
 Formats: chat (`messages`), prompt/completion, GSM8K (`question`, `answer` ending in `#### N`), MATH
-(`problem`, `solution`/`answer`). `data.columns` maps our column names to the file's. Nothing is dropped or
+(`problem`, `solution`/`answer`), IFEval (`prompt`, `instruction_id_list`, `kwargs`: prompts without an answer,
+for RL; SFT counts them as bad rows). `data.columns` maps our column names to the file's. Nothing is dropped or
 changed silently: a row that cannot be used (a line that is not JSON, a missing or non-text value, a message
 with a field we would drop) is counted as bad under its reason and first row; a run stops when they exceed
 `data.max_bad_fraction`, or when too few usable rows are left to train on and hold out.
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from dspost.config import DataSection
-from dspost.data import synthetic_math
+from dspost.data import synthetic_instruct, synthetic_math
 
 FORMAT_COLUMNS = {
     "code": ("prompt", "test", "entry_point"),
@@ -37,6 +38,7 @@ FORMAT_COLUMNS = {
     "prompt_completion": ("prompt", "completion"),
     "gsm8k": ("question", "answer"),
     "math": ("problem", "answer"),
+    "ifeval": ("prompt", "instruction_id_list", "kwargs"),
 }
 _GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
 _BOM = "\ufeff"
@@ -59,6 +61,8 @@ class Example:
     answer: str | None = None  # gold final answer, when the format has one (for verifiers)
     extra: dict[str, Any] = field(default_factory=dict)  # other fields rewards read (code: tests, entry_point)
     row: int | None = None  # the row it came from, numbered as in `BadRows` (None: synthetic)
+    target: bool = True  # False: no answer to train on (IFEval prompts); the last turn is an empty placeholder,
+    # so that `messages[:-1]` is the prompt as for every other row
     domain: str | None = None  # the data source it came from (`data.sources[].name`; None: a single source)
 
 
@@ -435,7 +439,48 @@ def to_example(row: Row, fmt: str, columns: dict[str, str]) -> Example:
                 raise BadRow("MATH solution's \\boxed{} answer is empty")
         target = solution if solution is not None else f"The answer is \\boxed{{{answer}}}."
         return Example([{"role": "user", "content": problem}, {"role": "assistant", "content": target}], answer)
+    if fmt == "ifeval":
+        return ifeval_example(row, columns)
     raise DataError(f"data.format: unknown format {fmt!r}")
+
+
+def ifeval_example(row: Row, columns: dict[str, str]) -> Example:
+    """An IFEval prompt for RL, graded by the `ifeval` reward through `extra`. A row the checks cannot grade
+    repeatably (an unknown id, missing or unusable kwargs, a check that needs NLTK data this machine lacks) is
+    a bad row naming the id."""
+    from dspost.rewards.ifeval import MISSING, ifeval_problem, registry
+
+    prompt = text(row, columns, "prompt")
+    ids, kwargs = column(row, columns, "instruction_id_list"), column(row, columns, "kwargs")
+    try:
+        checkers = registry()
+    except ImportError:
+        raise DataError(f"data.format=ifeval: {MISSING}") from None
+    if problem := ifeval_problem(ids, kwargs, checkers, probe=True):
+        raise BadRow(problem)
+    return Example([{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}],
+                   extra={"instruction_id_list": list(ids), "kwargs": [dict(k) for k in kwargs], "prompt": prompt},
+                   target=False)
+
+
+def instruct_example(p: synthetic_instruct.Problem) -> Example:
+    """A synthetic instruction-following problem, graded by the `instruct` reward through `extra`."""
+    return Example(synthetic_instruct.messages(p), p.answer,
+                   extra={"instruction_id_list": list(p.instruction_id_list), "kwargs": [dict(k) for k in p.kwargs]})
+
+
+def synthetic_examples(domain: str, num_train: int, num_eval: int, seed: int,
+                       levels: list[int]) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) of a built-in synthetic domain: `math` (levels 1-7) or `instruct` (levels 1-2), each
+    with its fixed held-out split."""
+    if domain == "math":
+        train, held_out = synthetic_math.splits(num_train, num_eval, seed, levels)
+        return ([Example(synthetic_math.messages(p), p.answer) for p in train],
+                [Example(synthetic_math.messages(p), p.answer) for p in held_out])
+    if domain == "instruct":
+        train, held_out = synthetic_instruct.splits(num_train, num_eval, seed, levels)
+        return [instruct_example(p) for p in train], [instruct_example(p) for p in held_out]
+    raise DataError(f"data: unknown synthetic domain {domain!r} (math, instruct)")
 
 
 def last_boxed(text: str) -> str | None:
@@ -452,13 +497,13 @@ def last_boxed(text: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ load
-def load_examples(data: DataSection) -> tuple[list[Example], list[Example], BadRows]:
+def load_examples(data: DataSection, need_targets: bool = True) -> tuple[list[Example], list[Example], BadRows]:
     """(train, held-out, bad-row report) for a recipe's `data` section. Held out: all of `eval_path`, else the
-    last min(num_eval, 10% of the usable rows, at least 1) usable rows of `path`."""
+    last min(num_eval, 10% of the usable rows, at least 1) usable rows of `path`. `need_targets` (SFT): a row
+    without an answer to train on (an IFEval prompt) is a bad row; RL stages pass False."""
     if data.path is None:
-        train, held_out = synthetic_math.splits(data.num_train, data.num_eval, data.seed, data.difficulty)
-        conv = lambda ps: [Example(synthetic_math.messages(p), p.answer) for p in ps]  # noqa: E731
-        return conv(train), conv(held_out), BadRows(total=len(train) + len(held_out))
+        train, held_out = synthetic_examples("math", data.num_train, data.num_eval, data.seed, data.difficulty)
+        return train, held_out, BadRows(total=len(train) + len(held_out))
     tables = [read_file(data.path, "data.path")]
     if data.eval_path:
         tables.append(read_file(data.eval_path, "data.eval_path"))
@@ -470,20 +515,23 @@ def load_examples(data: DataSection) -> tuple[list[Example], list[Example], BadR
     for table in tables:
         bad.sources.append((start, table))
         bad.total += len(table.rows)
-        parts.append(_convert(table, start, fmt, data.columns, bad))
+        parts.append(_convert(table, start, fmt, data.columns, bad, need_targets))
         start += len(table.rows)
     bad.check(data.max_bad_fraction, data.path)
     train, held_out = split(parts, data.num_eval, data.path, data.eval_path)
     return train, held_out, bad
 
 
-def _convert(table: Table, offset: int, fmt: str, columns: dict[str, str], bad: BadRows) -> list[Example]:
+def _convert(table: Table, offset: int, fmt: str, columns: dict[str, str], bad: BadRows,
+             need_targets: bool = True) -> list[Example]:
     out = []
     for n, row in enumerate(table.rows):
         try:
             if isinstance(row, BadRow):
                 raise row
             ex = to_example(row, fmt, columns)
+            if need_targets and not ex.target:
+                raise BadRow(f"no answer to train on ({fmt} rows are prompts for RL stages)")
         except BadRow as e:
             bad.add(offset + n, str(e))
             continue
