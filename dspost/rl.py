@@ -156,7 +156,7 @@ class RLSession:
 def rl_session(recipe: GRPORecipe, run: RunDir, model_path: Path) -> Iterator[RLSession]:
     """Start the pools, load and fit the prompts, set up the reward terms and the probe, and (on a fresh run)
     evaluate step 0; on exit, whatever happened, no actor, engine, scorer or critic outlives the run."""
-    train, held_out, bad = load_mixture(recipe.data)
+    train, held_out, bad = load_mixture(recipe.data, need_targets=False)
     with contextlib.ExitStack() as running:
         ray, own_ray = start_ray(recipe.ray)
         if own_ray:

@@ -11,6 +11,8 @@ import re
 from collections.abc import Callable
 
 from dspost.rewards.code import extract_code, run_code_tests, run_io_tests
+from dspost.rewards.constraints import instruct_reward
+from dspost.rewards.ifeval import ifeval_reward
 from dspost.rewards.math import verify_math
 from dspost.rewards.verdict import Verdict
 
@@ -70,7 +72,8 @@ def code_reward(response: str, example: dict, partial: bool = False, timeout: fl
     return run_code_tests(code, example["tests"], timeout, entry_point=entry, partial=partial)
 
 
-REWARDS: dict[str, Callable[..., Verdict]] = {"math": math_reward, "format": format_reward, "code": code_reward}
+REWARDS: dict[str, Callable[..., Verdict]] = {"math": math_reward, "format": format_reward, "code": code_reward,
+                                             "instruct": instruct_reward, "ifeval": ifeval_reward}
 
 
 def resolve(name: str) -> str:

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from dspost.config import DataSection, SourceSection
-from dspost.data.loading import BadRows, DataError, Example, load_examples
+from dspost.config import DataSection
+from dspost.data.loading import BadRows, DataError, Example, load_examples, synthetic_examples
 from dspost.data.packing import batch_indices
 
 T = TypeVar("T")
@@ -66,32 +66,27 @@ class Mixture(Generic[T]):
         return out
 
 
-def load_mixture(data: DataSection) -> tuple[Mixture[Example], Mixture[Example], dict[str | None, BadRows]]:
-    """(train, held-out, bad rows per source) of a recipe's `data` section."""
+def load_mixture(data: DataSection, need_targets: bool = True
+                 ) -> tuple[Mixture[Example], Mixture[Example], dict[str | None, BadRows]]:
+    """(train, held-out, bad rows per source) of a recipe's `data` section. `need_targets`: as `load_examples`
+    (SFT needs an answer to train on; RL stages take prompts without one)."""
     if not data.sources:
-        train, held_out, bad = load_examples(data)
+        train, held_out, bad = load_examples(data, need_targets)
         return Mixture({None: train}, {None: 1.0}), Mixture({None: held_out}, {None: 1.0}), {None: bad}
     train, held_out, bad = {}, {}, {}
     for src in data.sources:
-        t, h, b = _load_source(src, data)
+        if src.synthetic is not None:
+            t, h = synthetic_examples(src.synthetic, src.num_train, src.num_eval, data.seed, src.difficulty)
+            b = BadRows(total=len(t) + len(h))
+        else:  # a file: the single-source reader, on this source's fields
+            fields = {"path": src.path, "format": src.format, "columns": src.columns, "eval_path": src.eval_path,
+                      "num_eval": src.num_eval, "sources": []}
+            t, h, b = load_examples(data.model_copy(update=fields), need_targets)
         train[src.name] = [dataclasses.replace(ex, domain=src.name) for ex in t]
         held_out[src.name] = [dataclasses.replace(ex, domain=src.name) for ex in h]
         bad[src.name] = b
     weights = {s.name: s.weight for s in data.sources}
     return Mixture(train, weights), Mixture(held_out, dict(weights)), bad
-
-
-def _load_source(src: SourceSection, data: DataSection) -> tuple[list[Example], list[Example], BadRows]:
-    if src.synthetic == "instruct":
-        from dspost.data import synthetic_instruct
-
-        train, held_out = synthetic_instruct.splits(src.num_train, src.num_eval, data.seed)
-        conv = lambda ps: [synthetic_instruct.example(p) for p in ps]  # noqa: E731
-        return conv(train), conv(held_out), BadRows(total=len(train) + len(held_out))
-    # A synthetic math source or a file: the single-source reader, on this source's fields.
-    fields = {"path": src.path, "format": src.format, "columns": src.columns, "eval_path": src.eval_path,
-              "num_train": src.num_train, "num_eval": src.num_eval, "difficulty": src.difficulty}
-    return load_examples(data.model_copy(update={**fields, "sources": []}))
 
 
 def source_label(data: DataSection, domain: str | None) -> str:

@@ -50,3 +50,12 @@ def test_sources_load_with_their_domain_and_own_held_out_split(tmp_path):
     assert set(bad) == {"math", "gsm"}
     single, _, _ = load_mixture(DataSection(num_train=20, num_eval=5))
     assert single.domains == [None] and {ex.domain for ex in single.items} == {None}
+
+
+def test_a_synthetic_instruction_source_carries_its_constraints():
+    data = DataSection(sources=[{"name": "math", "synthetic": "math", "num_train": 8, "num_eval": 2},
+                                {"name": "if", "synthetic": "instruct", "num_train": 8, "num_eval": 2}])
+    train, held_out, _ = load_mixture(data)
+    assert [len(p) for p in train.parts.values()] == [8, 8] and [len(p) for p in held_out.parts.values()] == [2, 2]
+    assert all(ex.extra["instruction_id_list"] and ex.domain == "if" for ex in train.parts["if"])
+    assert not any("instruction_id_list" in ex.extra for ex in train.parts["math"])
