@@ -15,6 +15,7 @@ Code rewards run the model's code in their own sandbox on top (rewards/sandbox.p
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib
 import multiprocessing as mp
 import os
@@ -111,7 +112,7 @@ class ScoringPool:
             ready = f"it exited at start (exit code {proc.exitcode})"
         if ready != "ready":
             self._kill(i)
-            raise RuntimeError(f"scoring pool: a worker cannot be cut off the network: {ready}")
+            raise RuntimeError(f"scoring pool: a worker did not start cut off the network: {ready}")
         return self.procs[i]
 
     def _kill(self, i: int) -> None:
@@ -170,6 +171,16 @@ class ScoringPool:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+@functools.lru_cache(maxsize=1)
+def pool_unavailable() -> str | None:
+    """None when scoring workers start here cut off the network, else the one-line reason. A pre-flight for
+    recipe checks, before anything else starts (one throwaway worker, ~0.1 s, once per process)."""
+    try:
+        ScoringPool(1, memory_mb=None).close()
+    except RuntimeError as e:
+        return str(e)
+    return None
 
 
 def verify_math_batch(pairs: list[tuple[str, str]], timeout: float = 5.0, workers: int = 2,

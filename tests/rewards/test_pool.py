@@ -8,6 +8,7 @@ import socket
 import time
 
 from dspost.rewards import ScoringPool, verify_math_batch
+from dspost.rewards.pool import pool_unavailable
 
 
 def test_a_stuck_item_times_out_and_the_pool_answers_on():
@@ -46,6 +47,7 @@ def _connected(srv: socket.socket) -> bool:
 
 
 def test_a_reward_cannot_reach_the_network():
+    assert pool_unavailable() is None  # the pre-flight recipe checks use: workers do start isolated here
     with _listening() as srv, ScoringPool(2) as pool:
         port = srv.getsockname()[1]
         verdicts = pool.map("socket:create_connection", [(("127.0.0.1", port), 2)] * 2, timeout=10)
