@@ -60,6 +60,17 @@ def check_ray() -> Check:
     return v is not None, f"Ray {v}" if v else "Ray not installed", SETUP_FIX
 
 
+def check_sandbox() -> Check:
+    """Code rewards run model-written code in bubblewrap; without it they refuse to run."""
+    from dspost.rewards.sandbox import describe, sandbox_unavailable
+
+    problem = sandbox_unavailable()
+    fix = ("install bubblewrap (`apt-get install bubblewrap`; `make setup` does it as root) and allow unprivileged "
+           "user namespaces (`sysctl user.max_user_namespaces` > 0; on Ubuntu 24.04+ also "
+           "`sysctl kernel.apparmor_restrict_unprivileged_userns=0`): code rewards refuse to run until then")
+    return (False, problem, fix) if problem else (True, f"code sandbox: {describe()}", "")
+
+
 def check_devices() -> Check:
     import torch
 
@@ -88,7 +99,8 @@ def check_disk() -> Check:
 
 CHECKS: list[tuple[str, Callable[[], Check]]] = [
     ("python", check_python), ("torch", check_torch), ("transformers", check_transformers), ("vllm", check_vllm),
-    ("ray", check_ray), ("devices", check_devices), ("memory", check_memory), ("disk", check_disk),
+    ("ray", check_ray), ("sandbox", check_sandbox),
+    ("devices", check_devices), ("memory", check_memory), ("disk", check_disk),
 ]
 
 

@@ -1,15 +1,24 @@
-"""Score in worker processes with a hard wall-clock and memory limit per item.
+"""Score in worker processes with a hard wall-clock and memory limit per item, and no network.
 
 Not threads and not `signal.alarm` (neither can stop sympy stuck in C code, and alarm only works on the
 main thread): each item goes to a worker process; a worker past its deadline is killed and replaced, and
 the item comes back as a `timeout` verdict. A worker that dies (memory limit, crash) yields an `error`
 verdict. The caller always gets one verdict per item, in order, within about `timeout` per item.
+
+Every reward, math included, runs under the limits code gets on wall clock, memory and network: each
+worker first moves into a network namespace of its own (no interface but a loopback that is down), so no
+reward can reach the network or a service of this machine; a pool that cannot do that refuses to start
+(RuntimeError, one line). The workers are not otherwise sandboxed: they read and write files as this user.
+Code rewards run the model's code in their own sandbox on top (rewards/sandbox.py).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib
 import multiprocessing as mp
+import os
 import resource
 import time
 from collections import deque
@@ -18,10 +27,38 @@ from typing import Any
 
 from dspost.rewards.verdict import Verdict
 
+CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
+START_TIMEOUT = 60.0  # seconds for a worker to say it is ready (the first one starts the forkserver)
+
+
+def isolate_network() -> str | None:
+    """Move this process into a new network namespace; None, or the one-line reason it could not. As root
+    that is `unshare(CLONE_NEWNET)`; otherwise a user namespace comes with it, mapping only the user's own
+    uid and gid (so files and the code sandbox behave as before). Call it while single-threaded."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    uid, gid = os.geteuid(), os.getegid()
+    flags = CLONE_NEWNET if uid == 0 else CLONE_NEWUSER | CLONE_NEWNET
+    if libc.unshare(flags) != 0:
+        what = "CLONE_NEWNET" if uid == 0 else "CLONE_NEWUSER|CLONE_NEWNET"
+        return f"unshare({what}) failed: {os.strerror(ctypes.get_errno())}"
+    if uid != 0:
+        try:
+            for file, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+                with open(f"/proc/self/{file}", "w") as f:
+                    f.write(text)
+        except OSError as e:
+            return f"mapping the user namespace failed: {e}"
+    return None
+
 
 def _worker(conn: Connection, memory_bytes: int | None) -> None:
+    problem = isolate_network()
+    conn.send(problem or "ready")
+    if problem:
+        return
     if memory_bytes:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     cache: dict[str, Any] = {}
     while True:
         try:
@@ -40,7 +77,10 @@ def _worker(conn: Connection, memory_bytes: int | None) -> None:
             result = Verdict(0.0, "error", None, "memory limit exceeded")
         except Exception as e:  # noqa: BLE001 - the scorer's failure is reported, never raised into the pool
             result = Verdict(0.0, "error", None, f"{type(e).__name__}: {e}")
-        conn.send(result)
+        try:
+            conn.send(result)
+        except (TypeError, AttributeError, ValueError) as e:  # pickling failed: a result that cannot be sent
+            conn.send(Verdict(0.0, "error", None, f"the reward returned what cannot be sent: {e}"))
 
 
 class ScoringPool:
@@ -53,6 +93,12 @@ class ScoringPool:
         self.ctx = mp.get_context("forkserver")
         self.procs: list[tuple[mp.Process, Connection] | None] = [None] * workers
         self.restarts = 0
+        try:  # all workers now: a pool that cannot isolate them refuses here, before any scoring
+            for i in range(workers):
+                self._spawn(i)
+        except BaseException:
+            self.close()
+            raise
 
     def _spawn(self, i: int) -> tuple[mp.Process, Connection]:
         parent, child = self.ctx.Pipe()
@@ -60,6 +106,13 @@ class ScoringPool:
         proc.start()
         child.close()
         self.procs[i] = (proc, parent)
+        try:
+            ready = parent.recv() if parent.poll(START_TIMEOUT) else f"no answer within {START_TIMEOUT:g}s"
+        except (EOFError, OSError):
+            ready = f"it exited at start (exit code {proc.exitcode})"
+        if ready != "ready":
+            self._kill(i)
+            raise RuntimeError(f"scoring pool: a worker did not start cut off the network: {ready}")
         return self.procs[i]
 
     def _kill(self, i: int) -> None:
@@ -118,6 +171,16 @@ class ScoringPool:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+@functools.lru_cache(maxsize=1)
+def pool_unavailable() -> str | None:
+    """None when scoring workers start here cut off the network, else the one-line reason. A pre-flight for
+    recipe checks, before anything else starts (one throwaway worker, ~0.1 s, once per process)."""
+    try:
+        ScoringPool(1, memory_mb=None).close()
+    except RuntimeError as e:
+        return str(e)
+    return None
 
 
 def verify_math_batch(pairs: list[tuple[str, str]], timeout: float = 5.0, workers: int = 2,

@@ -31,6 +31,18 @@ step "installing dspost[$extra,test] (first time: about two minutes)"
 # torch and take transformers' model imports down with them; vLLM's text models do not need them.
 "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 
+# Code rewards run model-written code in bubblewrap and refuse to run without it (rewards/sandbox.py).
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    step "installing bubblewrap (the code-reward sandbox)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q bubblewrap >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1; } || true
+  fi
+  command -v bwrap >/dev/null 2>&1 \
+    || step "bubblewrap (bwrap) is not installed: code rewards will refuse to run until it is (apt-get install bubblewrap)"
+fi
+
 "$VENV/bin/python" -c "import transformers.models.deepseek_v3.modeling_deepseek_v3, ray, peft, dspost.model" \
   || fail "import check" "installed packages do not import; run '$VENV/bin/dspost doctor'"
 echo "$want" > "$stamp"
