@@ -78,6 +78,7 @@ def _run(recipe) -> int:
     from dspost.data.loading import DataError
     from dspost.rl import ParityError, RewardError
     from dspost.model import CheckpointError
+    from dspost.rewards.pool import PoolError
     from dspost.rollout.sync import SyncError
     from dspost.runner import run_recipe
     from dspost.training import NonFiniteError
@@ -87,7 +88,7 @@ def _run(recipe) -> int:
     except (DataError, CheckpointError, NotImplementedError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (NonFiniteError, ParityError, RewardError, SyncError) as e:  # a run that stopped itself: say why, once
+    except (NonFiniteError, ParityError, PoolError, RewardError, SyncError) as e:  # a run that stopped itself: say why, once
         print(f"error: {e}", file=sys.stderr)
         return EXIT_RUN_STOPPED
     return 0

@@ -250,6 +250,21 @@ def check_rewards(recipe: Recipe) -> None:
             problem = _critic_problem(term) if term.name.startswith("critic:") else _reward_problem(term)
             if problem:
                 raise RecipeError(f"{where}.{problem}")
+            if term.name in ("code", "critic:rule:code"):
+                _refuse_unless_available(f"{where}.name", "sandbox_unavailable")
+        if stage.kind != "rm":  # every other stage grades answers in the scoring pool (SFT: held-out accuracy)
+            _refuse_unless_available(f"{prefix}kind: {stage.kind}", "pool_unavailable")
+        if getattr(stage, "critic", "") == "rule:code":
+            _refuse_unless_available(f"{prefix}critic", "sandbox_unavailable")
+
+
+def _refuse_unless_available(where: str, check: str) -> None:
+    """The scoring pool's (network-isolated workers) or the code sandbox's pre-flight, cached per process."""
+    from dspost.rewards import pool, sandbox
+
+    problem = getattr(pool if check == "pool_unavailable" else sandbox, check)()
+    if problem:
+        raise RecipeError(f"{where}: {problem}")
 
 
 def _reward_problem(term: RewardTerm) -> str | None:

@@ -8,8 +8,11 @@ verdict. The caller always gets one verdict per item, in order, within about `ti
 Every reward, math included, runs under the limits code gets on wall clock, memory and network: each
 worker first moves into a network namespace of its own (no interface but a loopback that is down), so no
 reward can reach the network or a service of this machine; a pool that cannot do that refuses to start
-(RuntimeError, one line). The workers are not otherwise sandboxed: they read and write files as this user.
+(`PoolError`, one line). The workers are not otherwise sandboxed: they read and write files as this user.
 Code rewards run the model's code in their own sandbox on top (rewards/sandbox.py).
+
+A worker imports a reward's module before its first item's clock starts: importing a reward's dependencies
+(if-verifiable pulls in `datasets`: 1.3-1.6 s, langdetect's first use 0.7 s) is not the item's time.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from dspost.rewards.verdict import Verdict
+
+IMPORT_TIMEOUT = 120.0  # seconds for a worker to import a reward's module (torch-heavy rewards take ~10 s)
+
+
+class PoolError(RuntimeError):
+    """The scoring pool cannot run here (its workers cannot be cut off the network); one line."""
 
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 START_TIMEOUT = 60.0  # seconds for a worker to say it is ready (the first one starts the forkserver)
@@ -67,11 +76,17 @@ def _worker(conn: Connection, memory_bytes: int | None) -> None:
             return
         if task is None:
             return
+        if len(task) == 2:  # ("load", target): import it now, outside any item's deadline
+            try:
+                cache[task[1]] = _load(task[1])
+                conn.send("ok")
+            except Exception as e:  # noqa: BLE001 - reported to the pool as the reason every item fails
+                conn.send(f"cannot load reward {task[1]}: {type(e).__name__}: {e}")
+            continue
         target, args, kwargs = task
         try:
             if target not in cache:
-                module, _, name = target.partition(":")
-                cache[target] = getattr(importlib.import_module(module), name)
+                cache[target] = _load(target)
             result = cache[target](*args, **kwargs)
         except MemoryError:
             result = Verdict(0.0, "error", None, "memory limit exceeded")
@@ -83,6 +98,11 @@ def _worker(conn: Connection, memory_bytes: int | None) -> None:
             conn.send(Verdict(0.0, "error", None, f"the reward returned what cannot be sent: {e}"))
 
 
+def _load(target: str):
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 class ScoringPool:
     """A fixed number of worker processes; `map` runs `module:function` over argument tuples."""
 
@@ -92,6 +112,7 @@ class ScoringPool:
         # forkserver: workers start from a clean process, not a copy of a driver holding models and threads.
         self.ctx = mp.get_context("forkserver")
         self.procs: list[tuple[mp.Process, Connection] | None] = [None] * workers
+        self.loaded: list[set[str]] = [set() for _ in range(workers)]  # the targets each worker has imported
         self.restarts = 0
         try:  # all workers now: a pool that cannot isolate them refuses here, before any scoring
             for i in range(workers):
@@ -112,8 +133,36 @@ class ScoringPool:
             ready = f"it exited at start (exit code {proc.exitcode})"
         if ready != "ready":
             self._kill(i)
-            raise RuntimeError(f"scoring pool: a worker did not start cut off the network: {ready}")
+            raise PoolError(f"scoring pool: a worker did not start cut off the network: {ready}")
+        self.loaded[i] = set()
         return self.procs[i]
+
+    def _load(self, target: str) -> str | None:
+        """Every worker imports `target` (once each); the reason it cannot, else None."""
+        waiting = {}
+        for i in range(self.n):
+            proc, conn = self.procs[i] or self._spawn(i)
+            if target not in self.loaded[i]:
+                conn.send(("load", target))
+                waiting[conn] = i
+        deadline = time.monotonic() + IMPORT_TIMEOUT
+        while waiting:
+            ready = wait(list(waiting), timeout=max(deadline - time.monotonic(), 0))
+            if not ready:
+                for i in waiting.values():
+                    self._kill(i)
+                return f"cannot load reward {target}: no answer within {IMPORT_TIMEOUT:g}s"
+            for conn in ready:
+                i = waiting.pop(conn)
+                try:
+                    answer = conn.recv()
+                except (EOFError, OSError):
+                    answer = f"cannot load reward {target}: the scoring worker died"
+                    self._kill(i)
+                if answer != "ok":
+                    return answer
+                self.loaded[i].add(target)
+        return None
 
     def _kill(self, i: int) -> None:
         proc, conn = self.procs[i]
@@ -124,13 +173,26 @@ class ScoringPool:
         self.restarts += 1
 
     def map(self, target: str, items: list[tuple], timeout: float, kwargs: dict | None = None) -> list[Verdict]:
+        if not items:
+            return []
+        problem = self._load(target)
+        if problem is not None:
+            return [Verdict(0.0, "error", None, problem) for _ in items]
         results: list[Verdict | None] = [None] * len(items)
         todo = deque(range(len(items)))
         busy: dict[int, tuple[int, float]] = {}  # worker -> (item, deadline)
         while todo or busy:
             for i in range(self.n):
                 if i not in busy and todo:
-                    proc, conn = self.procs[i] or self._spawn(i)
+                    if self.procs[i] is None:  # a replaced worker imports the target before its item's clock
+                        self._spawn(i)
+                        problem = self._load(target)
+                        if problem is not None:
+                            for item in todo:
+                                results[item] = Verdict(0.0, "error", None, problem)
+                            todo.clear()
+                            continue
+                    proc, conn = self.procs[i]
                     item = todo.popleft()
                     conn.send((target, items[item], kwargs or {}))
                     busy[i] = (item, time.monotonic() + timeout)
@@ -178,7 +240,7 @@ def pool_unavailable() -> str | None:
     recipe checks, before anything else starts (one throwaway worker, ~0.1 s, once per process)."""
     try:
         ScoringPool(1, memory_mb=None).close()
-    except RuntimeError as e:
+    except PoolError as e:
         return str(e)
     return None
 

@@ -64,7 +64,7 @@ PENDING = {
     "grpo_noop_sync_raises": "tests/dspost/test_grpo.py::test_a_sync_that_does_not_reach_the_engine_stops_the_run",
     "grpo_resume": "tests/dspost/test_grpo.py::test_grpo_moves_the_weights_the_engine_serves_them_and_resume_repeats_the_run",
     "restart_reloads": "tests/dspost/test_grpo.py::test_a_killed_rollout_worker_restarts_on_the_pushed_weights_and_reruns_its_batch",
-    "pool_timeout": "tests/rewards/test_pool.py::FILL_IN_stuck_item_comes_back_timeout",
+    "pool_timeout": "tests/rewards/test_pool.py::test_a_stuck_item_times_out_and_the_pool_answers_on",
 }
 # ================================================================================================================
 

@@ -338,3 +338,24 @@ def test_a_partly_overridden_section_keeps_the_kinds_defaults(tmp_path):
     assert loaded.trainer.lr == 1e-5 and loaded.trainer.eval_every == 10  # GRPO's defaults
     assert loaded.trainer.max_steps == 5 and loaded.trainer.num_cpus_per_worker == 1
     assert load_recipe(recipe, ["trainer.lr=0.1"]).trainer.lr == 0.1  # the recipe's own value wins
+
+
+@pytest.mark.parametrize("check,text,field", [
+    ("sandbox_unavailable", "kind: grpo\nrewards:\n  terms: [{name: code}]\n", "rewards.terms.0.name"),
+    ("pool_unavailable", "kind: grpo\n", "kind: grpo"),
+    ("pool_unavailable", "kind: sft\n", "kind: sft"),
+])
+def test_a_run_that_needs_an_unavailable_sandbox_is_refused_before_it_starts(tmp_path, capsys, monkeypatch, check,
+                                                                              text, field):
+    """Code rewards need the bubblewrap sandbox and every grading stage the network-isolated scoring pool: where
+    they cannot be set up the run is refused in one line, not trained on `error` verdicts."""
+    from dspost.rewards import pool, sandbox
+
+    monkeypatch.setattr(pool if check == "pool_unavailable" else sandbox, check,
+                        lambda: "bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    for dry in (["--dry-run"], []):
+        assert main(["run", str(recipe), *dry]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: {field}: bubblewrap (bwrap) is not installed: apt-get install bubblewrap"

@@ -56,3 +56,17 @@ def test_a_reward_cannot_reach_the_network():
         # the math reward runs in the same isolated workers
         assert [v.status for v in verify_math_batch([("\\boxed{4}", "4"), ("\\boxed{5}", "4")], pool=pool)] == \
             ["correct", "wrong"]
+
+
+def test_a_rewards_import_is_not_its_first_items_time():
+    """A worker imports the reward before the item's clock starts: a 2 s import under a 1 s item timeout."""
+    with ScoringPool(2) as pool:
+        verdicts = pool.map("slow_import_reward:score", [("x", {})] * 4, timeout=1.0)
+    assert [v.status for v in verdicts] == ["correct"] * 4
+
+
+def test_a_reward_that_cannot_be_imported_is_an_error_for_every_item():
+    with ScoringPool(1) as pool:
+        verdicts = pool.map("no_such_module_here:score", [("x", {})] * 3, timeout=5.0)
+        assert [v.status for v in verdicts] == ["error"] * 3 and "No module named" in verdicts[0].detail
+        assert pool.map("time:sleep", [(0,)], timeout=5.0) == [None]  # the pool answers on
