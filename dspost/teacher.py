@@ -7,10 +7,15 @@ the teacher flattened to an effective temperature 1/T (slime PR #2085 scored at 
 estimators it also returns its top-k (with any ids asked for beside them, e.g. the student's top-k) or its whole
 tempered rows.
 
-Backend: a plain forward of the teacher through the trainer's own `packed_logprobs` (padding-free packed rows, the
-head only at response positions). vLLM 0.32's prompt logprobs ignore the request's temperature (0.75 nats/token
-off at T=0.6 on tiny-math) and its full-vocabulary rows cost 9-13x its sampled-token ones; the plain forward is
-exact at any T and was as fast or faster on this CPU (`benchmarks/teacher_scoring.py`).
+Backends (`teachers[i].backend`), measured by `benchmarks/teacher_scoring.py` (128 samples, tiny-math, 2 cores):
+- `torch` (default): a plain forward through the trainer's own `packed_logprobs` (padding-free packed rows, the head
+  only at response positions). Exact at any T, any support (the student's top-k included), full rows at 0.13x the
+  CPU of vLLM's full-vocabulary prompt logprobs; starts in 5-9 s. Its eager forward takes ~2x the wall (2.4x the
+  CPU) of vLLM's compiled prefill for the sampled tokens.
+- `vllm`: prompt logprobs with the head scaled by 1/T (vLLM 0.32's prompt logprobs ignore the request's temperature:
+  up to 0.95 nats, mean 0.19, off at T=0.6), checked against the plain forward at start; sampled tokens and top-k
+  only. 0.95x the raw vLLM call's wall time, 1.04x its CPU. It saves ~0.5 s per 128-sample step, which repays its
+  35-70 s engine start after ~100 steps: worth it for long runs, not for the pipeline's short OPD stage.
 
     pool = TeacherPool(teacher_specs(recipe.teachers, paths), dtype="float32", row_len=recipe.algorithm.pack_len)
     pool.check_tokenizer(student_path)     # one line naming teachers[i].path when a vocabulary differs
@@ -65,6 +70,7 @@ class TeacherSpec:
     num_cpus: float = 0
     num_gpus: float = 0
     threads: int | None = None  # None: its CPUs, or every core of its node when colocated
+    backend: str = "torch"  # torch | vllm (see TeacherWorker)
 
     @property
     def colocated(self) -> bool:
@@ -79,7 +85,7 @@ def teacher_names(sections: list[TeacherSection]) -> list[str]:
 
 def teacher_specs(sections: list[TeacherSection], paths: list[str]) -> list[TeacherSpec]:
     """The recipe's teachers with their checkpoints (`path`, or the earlier stage's output the runner resolved)."""
-    return [TeacherSpec(name, str(path), tuple(t.domains), t.weight, t.num_cpus, t.num_gpus, t.num_threads)
+    return [TeacherSpec(name, str(path), tuple(t.domains), t.weight, t.num_cpus, t.num_gpus, t.num_threads, t.backend)
             for name, t, path in zip(teacher_names(sections), sections, paths, strict=True)]
 
 
@@ -122,52 +128,29 @@ class _KeepLogits:
         return SimpleNamespace(logits=self.logits)
 
 
-class TeacherWorker:
-    """Body of a teacher's Ray actor: one frozen checkpoint (ours through `dspost.model`, or any transformers causal
-    LM), in eval mode, scoring token ids without gradients."""
+class TorchScorer:
+    """The plain forward: the trainer's `packed_logprobs` on the teacher (ours, or any transformers causal LM)."""
 
-    def __init__(self, path: str, dtype: str = "float32", threads: int | None = None, row_len: int = 256):
+    def __init__(self, path: str, dtype: str, row_len: int, pad_id: int):
         import torch
 
         from dspost.lora import load_base
-        from dspost.model import DeepseekV3, load_tokenizer
+        from dspost.model import DeepseekV3
         from dspost.training import device
 
-        # None: every core this process may use. A colocated teacher reserves no CPU (Ray would give it one
-        # thread) and runs while the rollout and trainer pools wait.
-        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         self.device = device()
         model = load_base(path, dtype=getattr(torch, dtype))
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.ours = isinstance(model, DeepseekV3)
-        self.tokenizer = load_tokenizer(path)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.row_len, self.path = row_len, path
+        self.row_len, self.pad_id = row_len, pad_id
 
-    def ready(self) -> str:
-        return self.path
-
-    def vocab_fingerprint(self) -> str:
-        return vocab_fingerprint(self.tokenizer)
-
-    def vocab_sizes(self) -> tuple[int, int]:
-        """(tokenizer entries, output-head rows)."""
-        return len(self.tokenizer), head_rows(self.path)
-
-    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], temperature: float, k: int = 0,
-              full: bool = False, extra_ids: list[np.ndarray] | None = None) -> list[TeacherScores]:
-        """Each sample's `TeacherScores` at the rollout `temperature`: the sampled tokens' logprobs; with `k` > 0 or
-        `extra_ids` ([R_i, E] ids per sample, e.g. the student's top-k) the support (teacher top-k, extra ids,
-        sampled token) and its logprobs; with `full` the whole rows."""
+    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], temperature: float, k: int,
+              full: bool, extra: torch.Tensor | None) -> list[TeacherScores]:
         import torch
 
         from dspost.trainer_worker import RolloutBatch, pack, packed_logprobs
 
-        if not temperature > 0:
-            raise TeacherError(f"teacher scoring needs the rollout temperature > 0 (got {temperature}): a greedy "
-                               "rollout has no sampling distribution to distil")
         lengths = [len(r) for r in response_ids]
-        extra = _stack_extra(extra_ids, lengths) if extra_ids is not None else None
         batch = RolloutBatch(prompt_ids, response_ids, [[0.0] * n for n in lengths], [0.0] * len(lengths))
         x = pack(batch, self.pad_id)
         mask = x["mask"].bool()
@@ -188,6 +171,128 @@ class TeacherWorker:
         return _split(lengths, tokens, support, rows if full else None)
 
 
+class VLLMScorer:
+    """vLLM's prompt logprobs, made exact at the rollout temperature through the head: the engine's logits processor
+    scales the logits by 1/T. Its prompt logprobs skip the sampler, so a request's temperature never reaches them
+    (T=0.6 and T=1 give identical values); the scale is applied after any soft-capping, so z/T is exact (2e-6 from
+    the plain forward). Checked at start against the plain forward at T=0.7."""
+
+    CHECK_TEMPERATURE = 0.7
+
+    def __init__(self, path: str, dtype: str, engine: dict, reference: TorchScorer, threshold: float):
+        from dspost.rollout.engine import VLLMEngine
+
+        self.engine = VLLMEngine(path, dtype=dtype, **engine)
+        # Top-k up to the whole vocabulary (vLLM's default refuses k > 20); prompt logprobs are computed on demand.
+        self.engine.llm.llm_engine.model_config.max_logprobs = -1
+        self.base_scale = self.engine.llm.collective_rpc(_logit_scale)[0]
+        self.temperature = 1.0
+        self._check(reference, threshold, head_rows(path))
+
+    def _check(self, reference: TorchScorer, threshold: float, V: int) -> None:
+        """Random ids through both backends at T=0.7: sampled-token and top-4 logprobs within `threshold`."""
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (5, 9, 13, 3)]
+        responses = [torch.randint(0, V, (n,), generator=g).tolist() for n in (12, 7, 4, 20)]
+        T, k = self.CHECK_TEMPERATURE, 4
+        ours = self.score(prompts, responses, T, k, False, None)
+        theirs = reference.score(prompts, responses, T, k, False, None)
+        gap = max(float(np.abs(a.token_logprobs - b.token_logprobs).max()) for a, b in zip(ours, theirs))
+        gap = max([gap] + [float(np.abs(a.support_logprobs[:, :k] - b.support_logprobs[:, :k]).max())
+                           for a, b in zip(ours, theirs)])
+        if not gap <= threshold:
+            raise TeacherError(f"vllm teacher backend: its logprobs at T={T} differ from the plain forward's by up to "
+                               f"{gap:.3g} nats (> {threshold:g}): this engine does not serve the tempered teacher")
+
+    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], temperature: float, k: int,
+              full: bool, extra: torch.Tensor | None) -> list[TeacherScores]:
+        import torch
+        from vllm import SamplingParams
+
+        if full or extra is not None:
+            raise TeacherError("vllm teacher backend: full rows cost 9-13x its sampled-token logprobs, and logprobs at "
+                               "given ids (the student's top-k) need vLLM's V2 model runner (Triton, no CPU backend); "
+                               "use the torch backend")
+        if temperature != self.temperature:
+            self.engine.llm.collective_rpc(_set_logit_scale, args=(self.base_scale / temperature,))
+            self.temperature = temperature
+        seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
+        outs = self.engine.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
+        tokens, top_ids, top_lp = [], [], []
+        for p, s, o in zip(prompt_ids, seqs, outs):
+            for j in range(len(p), len(s)):  # position j: the logprob of s[j] given s[:j]
+                at = o.prompt_logprobs[j]
+                tokens.append(at[s[j]].logprob)
+                if k:
+                    top = sorted((v.rank, i, v.logprob) for i, v in at.items() if v.rank <= k)
+                    top_ids.append([i for _, i, _ in top])
+                    top_lp.append([lp for _, _, lp in top])
+        lengths = [len(r) for r in response_ids]
+        tokens_t = torch.tensor(tokens, dtype=torch.float32)
+        support = None
+        if k:
+            targets = torch.tensor([t for r in response_ids for t in r])
+            ids = torch.cat([torch.tensor(top_ids).reshape(-1, k), targets[:, None]], 1)
+            support = _once(ids, torch.cat([torch.tensor(top_lp, dtype=torch.float32).reshape(-1, k),
+                                            tokens_t[:, None]], 1))
+        return _split(lengths, tokens_t, support, None)
+
+
+def _logit_scale(worker) -> float:
+    return float(worker.model_runner.get_model().logits_processor.scale)
+
+
+def _set_logit_scale(worker, scale: float) -> None:
+    worker.model_runner.get_model().logits_processor.scale = scale
+
+
+class TeacherWorker:
+    """Body of a teacher's Ray actor: one frozen checkpoint and its tokenizer, scoring token ids without gradients
+    through the `torch` backend (the plain forward) or the `vllm` one (prompt logprobs; no full rows, no extra ids)."""
+
+    def __init__(self, path: str, dtype: str = "float32", threads: int | None = None, row_len: int = 256,
+                 backend: str = "torch", engine: dict | None = None, check_threshold: float = 1e-3):
+        import torch
+
+        from dspost.model import load_tokenizer
+
+        # None: every core this process may use. A colocated teacher reserves no CPU (Ray would give it one
+        # thread) and runs while the rollout and trainer pools wait.
+        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        self.tokenizer = load_tokenizer(path)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.path = path
+        self.scorer = TorchScorer(path, dtype, row_len, pad_id)
+        if backend == "vllm":
+            self.scorer = VLLMScorer(path, dtype, engine or {}, self.scorer, check_threshold)
+        elif backend != "torch":
+            raise TeacherError(f"teacher backend {backend!r}: expected torch or vllm")
+
+    def ready(self) -> str:
+        return self.path
+
+    def vocab_fingerprint(self) -> str:
+        return vocab_fingerprint(self.tokenizer)
+
+    def vocab_sizes(self) -> tuple[int, int]:
+        """(tokenizer entries, output-head rows)."""
+        return len(self.tokenizer), head_rows(self.path)
+
+    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], temperature: float, k: int = 0,
+              full: bool = False, extra_ids: list[np.ndarray] | None = None) -> list[TeacherScores]:
+        """Each sample's `TeacherScores` at the rollout `temperature`: the sampled tokens' logprobs; with `k` > 0 or
+        `extra_ids` ([R_i, E] ids per sample, e.g. the student's top-k) the support (teacher top-k, extra ids,
+        sampled token) and its logprobs; with `full` the whole rows."""
+        if not temperature > 0:
+            raise TeacherError(f"teacher scoring needs the rollout temperature > 0 (got {temperature}): a greedy "
+                               "rollout has no sampling distribution to distil")
+        extra = _stack_extra(extra_ids, [len(r) for r in response_ids]) if extra_ids is not None else None
+        return self.scorer.score(prompt_ids, response_ids, temperature, k, full, extra)
+
+
 def _stack_extra(extra_ids: list[np.ndarray], lengths: list[int]) -> torch.Tensor:
     """The per-sample [R_i, E] extra ids as one [N, E] tensor; a sample whose shape disagrees is refused."""
     import torch
@@ -203,18 +308,24 @@ def _stack_extra(extra_ids: list[np.ndarray], lengths: list[int]) -> torch.Tenso
 
 def _support(rows: torch.Tensor, targets: torch.Tensor, k: int,
              extra: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] ids (teacher top-k in descending order, `extra`, the sampled token; a repeated id becomes -1) and the
-    tempered logprobs there (-inf at -1): the topk estimator's support, each id counted once so the tail mass
-    1 - sum(exp(.)) is right."""
+    """The topk estimator's support: [N, K] ids (teacher top-k in descending order, `extra`, the sampled token) and
+    the tempered logprobs there, each id once (see `_once`)."""
     import torch
 
     parts = ([rows.topk(k, -1).indices] if k else []) + ([extra] if extra is not None else []) + [targets[:, None]]
     ids = torch.cat(parts, 1)
+    return _once(ids, rows.gather(1, ids))
+
+
+def _once(ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An id repeated in its row (after its first column) becomes -1 with logprob -inf, so the tail mass
+    1 - sum(exp(.)) counts each id once; ids as int32."""
+    import torch
+
     K = ids.shape[1]
     before = torch.ones(K, K, dtype=torch.bool, device=ids.device).tril(-1)  # [j, i]: column i comes before j
     repeat = ((ids[:, :, None] == ids[:, None, :]) & before).any(-1)
-    logprobs = rows.gather(1, ids).masked_fill(repeat, float("-inf"))
-    return ids.masked_fill(repeat, -1).to(torch.int32), logprobs
+    return ids.masked_fill(repeat, -1).to(torch.int32), logprobs.masked_fill(repeat, float("-inf"))
 
 
 def _split(lengths: list[int], tokens: torch.Tensor, support, rows) -> list[TeacherScores]:
@@ -231,7 +342,11 @@ class TeacherPool:
     """One Ray actor per teacher; each sample is scored by the teacher of its domain (a teacher without domains
     serves every domain no other teacher claims), and results come back in sample order."""
 
-    def __init__(self, teachers: list[TeacherSpec], dtype: str = "float32", row_len: int = 256):
+    def __init__(self, teachers: list[TeacherSpec], dtype: str = "float32", row_len: int = 256,
+                 engine: dict | None = None, check_threshold: float = 1e-3):
+        """`row_len`: the packed rows of the torch backend (`algorithm.pack_len`); `engine`: `VLLMEngine` arguments of
+        the vllm backend (as the rollout pool's), whose start check allows `check_threshold` nats
+        (`sync.parity_threshold`)."""
         import ray
 
         from dspost.rl import actor_get
@@ -241,10 +356,12 @@ class TeacherPool:
         self.workers = []
         for t in teachers:
             env = {"OMP_NUM_THREADS": str(t.threads)} if t.threads else {}
+            if t.backend == "vllm":  # the engine core in the actor's process: no pickling of weights across processes
+                env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             actor = ray.remote(TeacherWorker).options(num_cpus=t.num_cpus, num_gpus=t.num_gpus,
                                                       runtime_env={"env_vars": env}, max_concurrency=1)
             threads = t.threads or (int(t.num_cpus) if t.num_cpus >= 1 else None)
-            self.workers.append(actor.remote(t.path, dtype, threads, row_len))
+            self.workers.append(actor.remote(t.path, dtype, threads, row_len, t.backend, engine, check_threshold))
         for i, w in enumerate(self.workers):
             try:
                 actor_get(w.ready.remote())

@@ -162,7 +162,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_in_one_line(pool, checkpoin
     assert len(msg.splitlines()) == 1 and msg.startswith(f"teachers[1].path: {checkpoints['foreign']}: tokenizer differs")
 
 
-def test_routing_is_refused_when_a_domain_has_two_teachers_or_none(pool, checkpoints):
+def test_routing_is_refused_when_a_domain_has_two_teachers_or_none(ray_local, checkpoints):
     with pytest.raises(TeacherError, match=r"teachers\[1\]\.domains: domain 'math' is already served by teachers\[0\]"):
         TeacherPool([TeacherSpec("a", checkpoints["student"], ("math",)), TeacherSpec("b", checkpoints["llama"], ("math",))])
     with pytest.raises(TeacherError, match="already served"):
@@ -188,3 +188,25 @@ def test_colocated_teachers_reserve_no_cpu_in_the_plan():
     own = opd({"path": "/ckpt/math", "domains": ["math"], "num_cpus": 1, "name": "m"})
     with pytest.raises(RecipeError, match="needs 3 CPUs .*teacher\\[m\\] 1"):
         check_plan(own)
+
+
+@pytest.mark.vllm
+def test_vllm_backend_scores_the_tempered_teacher(ray_local, checkpoints, reference_rows):
+    """The vllm backend (prompt logprobs, the head scaled by 1/T) gives the tempered teacher's sampled-token and
+    top-k logprobs; full rows and extra ids are refused in one line."""
+    pytest.importorskip("vllm")
+    pool = TeacherPool([TeacherSpec("math", checkpoints["student"], ("math",), backend="vllm")],
+                       engine={"max_model_len": 256, "kv_cache_gb": 1})
+    try:
+        k, batch = 8, samples(4, seed=3)
+        for sc, s in zip(pool.score(batch, ["math"] * len(batch), T, k=k), batch):
+            ref = reference_rows(checkpoints["student"], s)
+            tokens = ref.gather(1, torch.tensor(s.response_ids)[:, None])[:, 0]
+            torch.testing.assert_close(torch.tensor(sc.token_logprobs), tokens, atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.tensor(sc.support_logprobs[:, :k]), ref.topk(k, -1).values, atol=1e-4, rtol=0)
+            assert sc.support_ids.shape == (len(s.response_ids), k + 1)
+        with pytest.raises(TeacherError, match="use the torch backend") as e:
+            pool.score(batch, ["math"] * len(batch), T, full=True)
+        assert len(str(e.value).splitlines()) == 1
+    finally:
+        pool.shutdown()
