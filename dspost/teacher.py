@@ -367,8 +367,9 @@ class TeacherPool:
                 actor_get(w.ready.remote())
             except Exception as e:
                 self.shutdown()
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise TeacherError(f"teachers[{i}].path: {teachers[i].path}: cannot load the teacher: {first}") from None
+                # An actor that died in __init__ reports the traceback, its last line the error itself.
+                lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+                raise TeacherError(f"teachers[{i}].path: {teachers[i].path}: cannot load the teacher: {lines[-1]}") from None
 
     def route(self, domains: list[str]) -> list[int]:
         """The index of the teacher that scores each sample, from the sample's domain."""

@@ -169,6 +169,20 @@ def test_routing_is_refused_when_a_domain_has_two_teachers_or_none(ray_local, ch
         TeacherPool([TeacherSpec("a", checkpoints["student"]), TeacherSpec("b", checkpoints["llama"])])
 
 
+def test_a_teacher_that_cannot_load_is_refused_in_one_line(ray_local, tmp_path, checkpoints):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoints["student"], broken)
+    for f in broken.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(TeacherError) as e:
+        TeacherPool([TeacherSpec("a", checkpoints["student"], ("a",)), TeacherSpec("b", str(broken), ("b",))])
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and msg.startswith(f"teachers[1].path: {broken}: cannot load the teacher: ")
+    assert "no *.safetensors" in msg, msg
+
+
 def opd(*teachers: dict) -> OPDRecipe:
     return OPDRecipe(kind="opd", teachers=list(teachers), ray=RaySection(num_cpus=2),
                      rollout={"num_cpus_per_worker": 1}, trainer={"num_cpus_per_worker": 1})
