@@ -3,11 +3,13 @@ actor per teacher, results back as numpy arrays) against raw vLLM prompt-logprob
 `prompt_logprobs`, the engine in this process, as `VLLMEngine.sequence_logprobs` makes it) on the same tokens.
 
 Variants (one OPD step's worth of samples, default 16 prompts x 8 samples as the default GRPO step):
-  - sampled: each sampled token's logprob. Raw vLLM `prompt_logprobs=0`; the pool's `vllm` backend (the same call,
-    head scaled by 1/T) and its `torch` backend (a plain forward). Target: pool overhead <= 10% over raw vLLM.
-  - top-k (k=32): raw `prompt_logprobs=32`; pool `vllm` and `torch`.
-  - full rows: raw `prompt_logprobs=-1` (every id of every position as a Python object) against the pool's `torch`
-    backend, on a quarter of the samples (the raw call is ~10x the others).
+  - sampled: each sampled token's logprob. Raw vLLM `prompt_logprobs=0`, read as `VLLMEngine.sequence_logprobs`
+    does (a dict of Logprob objects per position) and as flat lists (`flat_logprobs=True`, its fastest form);
+    the pool's `vllm` backend (the flat call, head scaled by 1/T) and its `torch` backend (a plain forward).
+    Target: pool overhead <= 10% over raw vLLM (the "vs raw" columns compare with the flat call).
+  - top-k (k=32): raw `prompt_logprobs=32` (flat); pool `vllm` and `torch`.
+  - full rows: raw `prompt_logprobs=-1` (flat) against the pool's `torch` backend, on a quarter of the samples (the
+    raw call is ~10x the others).
 Raw vLLM scores at T=1 whatever the request says (prompt logprobs skip the sampler); the pool scores at the rollout
 temperature (--temperature, 0.6). The run prints both gaps: raw vLLM vs the tempered teacher, and the pool's two
 backends against each other. Rounds alternate the variants so the machine's drift hits all alike; the first round is
@@ -43,18 +45,19 @@ def batch(n: int, seed: int = 0):
     return out
 
 
-def raw_call(engine, samples, k: int):
-    """The raw prompt-logprob call: prefill prompt + response, one new token, logprobs of every position."""
+def raw_call(engine, samples, k: int, flat: bool = True):
+    """The raw prompt-logprob call: prefill prompt + response, one new token, logprobs of every position; `flat`:
+    as plain lists (vLLM's fastest form) instead of a dict of Logprob objects per position."""
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False, flat_logprobs=flat)
     return engine.llm.generate([{"prompt_token_ids": s.prompt_ids + s.response_ids} for s in samples], params,
                                use_tqdm=False)
 
 
 def raw_sampled(engine, samples):
     """`VLLMEngine.sequence_logprobs`' extraction, response positions only."""
-    outs = raw_call(engine, samples, 0)
+    outs = raw_call(engine, samples, 0, flat=False)
     return [[o.prompt_logprobs[j][t].logprob for j, t in enumerate(s.response_ids, len(s.prompt_ids))]
             for s, o in zip(samples, outs)]
 
@@ -112,13 +115,14 @@ def main() -> None:
     quarter = S[: max(1, len(S) // 4)]
     domains = ["d"] * len(S)
     variants = {
-        "raw vLLM prompt_logprobs=0": lambda: raw_sampled(raw, S),
+        "raw vLLM prompt_logprobs=0, dicts": lambda: raw_sampled(raw, S),
+        "raw vLLM prompt_logprobs=0, flat": lambda: raw_call(raw, S, 0),
         "pool[vllm] sampled": lambda: vllm_pool.score(S, domains, T),
         "pool[torch] sampled": lambda: torch_pool.score(S, domains, T),
-        f"raw vLLM prompt_logprobs={k}": lambda: raw_call(raw, S, k),
+        f"raw vLLM prompt_logprobs={k}, flat": lambda: raw_call(raw, S, k),
         f"pool[vllm] top-{k}": lambda: vllm_pool.score(S, domains, T, k=k),
         f"pool[torch] top-{k}": lambda: torch_pool.score(S, domains, T, k=k),
-        "raw vLLM prompt_logprobs=-1 (1/4)": lambda: raw_call(raw, quarter, -1),
+        "raw vLLM prompt_logprobs=-1, flat (1/4)": lambda: raw_call(raw, quarter, -1),
         "pool[torch] full rows (1/4)": lambda: torch_pool.score(quarter, domains[: len(quarter)], T, full=True),
     }
     here = os.getpid()

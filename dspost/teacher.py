@@ -219,26 +219,20 @@ class VLLMScorer:
             self.engine.llm.collective_rpc(_set_logit_scale, args=(self.base_scale / temperature,))
             self.temperature = temperature
         seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
+        # Flat logprobs: per position the target token, then the top-k in rank order, as plain lists (no Logprob
+        # object per entry); vLLM reports positions 1..L-1, so position j is row j-1.
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
         outs = self.engine.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
-        tokens, top_ids, top_lp = [], [], []
+        ids, lps = [], []
         for p, s, o in zip(prompt_ids, seqs, outs):
-            for j in range(len(p), len(s)):  # position j: the logprob of s[j] given s[:j]
-                at = o.prompt_logprobs[j]
-                tokens.append(at[s[j]].logprob)
-                if k:
-                    top = sorted((v.rank, i, v.logprob) for i, v in at.items() if v.rank <= k)
-                    top_ids.append([i for _, i, _ in top])
-                    top_lp.append([lp for _, _, lp in top])
-        lengths = [len(r) for r in response_ids]
-        tokens_t = torch.tensor(tokens, dtype=torch.float32)
-        support = None
-        if k:
-            targets = torch.tensor([t for r in response_ids for t in r])
-            ids = torch.cat([torch.tensor(top_ids).reshape(-1, k), targets[:, None]], 1)
-            support = _once(ids, torch.cat([torch.tensor(top_lp, dtype=torch.float32).reshape(-1, k),
-                                            tokens_t[:, None]], 1))
-        return _split(lengths, tokens_t, support, None)
+            flat = o.prompt_logprobs
+            rows = slice(len(p) - 1, len(s) - 1)
+            ids.append(np.asarray(flat.token_ids, dtype=np.int64).reshape(len(s) - 1, 1 + k)[rows])
+            lps.append(np.asarray(flat.logprobs, dtype=np.float32).reshape(len(s) - 1, 1 + k)[rows])
+        ids_t, lps_t = torch.from_numpy(np.concatenate(ids)), torch.from_numpy(np.concatenate(lps))
+        # support order as the torch backend's: the top-k first, then the sampled token
+        support = _once(ids_t.roll(-1, 1), lps_t.roll(-1, 1)) if k else None
+        return _split([len(r) for r in response_ids], lps_t[:, 0].contiguous(), support, None)
 
 
 def _logit_scale(worker) -> float:
