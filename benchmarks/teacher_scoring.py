@@ -141,7 +141,7 @@ def main() -> None:
     print(f"{len(S)} samples, {positions} scored positions (responses), "
           f"{sum(len(s.prompt_ids) + len(s.response_ids) for s in S)} tokens prefilled; T={T}; {a.rounds} rounds "
           f"after one warm-up; load average {os.getloadavg()[0]:.1f}")
-    print(f"  {'variant':<36} {'wall min s':>10} {'wall med s':>10} {'vs raw':>7} {'CPU med s':>10} {'vs raw':>7} "
+    print(f"  {'variant':<40} {'wall min s':>10} {'wall med s':>10} {'vs raw':>7} {'CPU med s':>10} {'vs raw':>7} "
           f"{'CPU us/position':>16}")
     base = None
     for name, w in walls.items():
@@ -149,8 +149,9 @@ def main() -> None:
         if name.startswith("raw"):
             base = (min(w), statistics.median(c))
         n = positions if "(1/4)" not in name else sum(len(s.response_ids) for s in quarter)
-        print(f"  {name:<36} {min(w):10.3f} {statistics.median(w):10.3f} {min(w) / base[0]:6.2f}x "
-              f"{statistics.median(c):10.3f} {statistics.median(c) / base[1]:6.2f}x {1e6 * statistics.median(c) / n:16.1f}")
+        cpu = statistics.median(c)
+        print(f"  {name:<40} {min(w):10.3f} {statistics.median(w):10.3f} {min(w) / base[0]:6.2f}x "
+              f"{cpu:10.3f} {cpu / base[1]:6.2f}x {1e6 * cpu / n:16.1f}")
 
     # what each returns: raw vLLM ignores the temperature; the pool's backends agree with each other
     raw_lp = np.concatenate([np.array(x, dtype=np.float32) for x in raw_sampled(raw, S)])

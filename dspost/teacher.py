@@ -117,7 +117,8 @@ class _KeepLogits:
         from types import SimpleNamespace
 
         if self.ours:
-            self.logits = self.model(ids, position_ids=position_ids, segment_ids=segment_ids, logits_at=logits_at).logits
+            out = self.model(ids, position_ids=position_ids, segment_ids=segment_ids, logits_at=logits_at)
+            self.logits = out.logits
         else:
             import torch
 
@@ -164,7 +165,8 @@ class TorchScorer:
                 rows = (forward.logits.float() / temperature).log_softmax(-1)
                 V = rows.shape[-1]
                 if k > V or (extra is not None and extra.numel() and not 0 <= int(extra.min()) <= int(extra.max()) < V):
-                    raise TeacherError(f"top-k: k={k} and the extra ids must lie within the teacher's vocabulary of {V}")
+                    raise TeacherError(f"top-k: k={k} and the extra ids must lie within the teacher's vocabulary "
+                                       f"of {V}")
                 if k or extra is not None:
                     targets = x["ids"][:, 1:][mask].to(self.device)
                     support = _support(rows, targets, k, extra.to(self.device) if extra is not None else None)
@@ -328,7 +330,8 @@ def _split(lengths: list[int], tokens: torch.Tensor, support, rows) -> list[Teac
         return [a.numpy() for a in t.cpu().split(lengths)] if t is not None else [None] * len(lengths)
 
     ids, support_lp = support if support is not None else (None, None)
-    return [TeacherScores(*f) for f in zip(per_sample(tokens), per_sample(ids), per_sample(support_lp), per_sample(rows))]
+    return [TeacherScores(*f)
+            for f in zip(per_sample(tokens), per_sample(ids), per_sample(support_lp), per_sample(rows))]
 
 
 # -------------------------------------------------------------------------------------------------- the pool
@@ -363,7 +366,8 @@ class TeacherPool:
                 self.shutdown()
                 # An actor that died in __init__ reports the traceback, its last line the error itself.
                 lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-                raise TeacherError(f"teachers[{i}].path: {teachers[i].path}: cannot load the teacher: {lines[-1]}") from None
+                raise TeacherError(f"teachers[{i}].path: {teachers[i].path}: cannot load the teacher: "
+                                   f"{lines[-1]}") from None
 
     def route(self, domains: list[str]) -> list[int]:
         """The index of the teacher that scores each sample, from the sample's domain."""
@@ -412,8 +416,9 @@ class TeacherPool:
         sizes = actor_get([w.vocab_sizes.remote() for w in self.workers])
         for i, (t, fp, (tokens, rows)) in enumerate(zip(self.teachers, prints, sizes)):
             if fp != ours:
-                raise TeacherError(f"teachers[{i}].path: {t.path}: tokenizer differs from the student's ({student_path}; "
-                                   f"vocab {tokens} vs {len(student)}): OPD scores the student's token ids with the teacher")
+                raise TeacherError(f"teachers[{i}].path: {t.path}: tokenizer differs from the student's "
+                                   f"({student_path}; vocab {tokens} vs {len(student)}): OPD scores the student's "
+                                   "token ids with the teacher")
             if rows != our_rows:
                 raise TeacherError(f"teachers[{i}].path: {t.path}: output head has {rows} rows, the student's "
                                    f"{our_rows}: the teacher's distribution is over other ids than the student's")

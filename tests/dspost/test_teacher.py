@@ -159,12 +159,14 @@ def test_a_teacher_with_another_tokenizer_is_refused_in_one_line(pool, checkpoin
     with pytest.raises(TeacherError) as e:
         pool.check_tokenizer(checkpoints["student"])
     msg = str(e.value)
-    assert len(msg.splitlines()) == 1 and msg.startswith(f"teachers[1].path: {checkpoints['foreign']}: tokenizer differs")
+    assert len(msg.splitlines()) == 1
+    assert msg.startswith(f"teachers[1].path: {checkpoints['foreign']}: tokenizer differs from the student's")
 
 
 def test_routing_is_refused_when_a_domain_has_two_teachers_or_none(ray_local, checkpoints):
     with pytest.raises(TeacherError, match=r"teachers\[1\]\.domains: domain 'math' is already served by teachers\[0\]"):
-        TeacherPool([TeacherSpec("a", checkpoints["student"], ("math",)), TeacherSpec("b", checkpoints["llama"], ("math",))])
+        TeacherPool([TeacherSpec("a", checkpoints["student"], ("math",)),
+                     TeacherSpec("b", checkpoints["llama"], ("math",))])
     with pytest.raises(TeacherError, match="already served"):
         TeacherPool([TeacherSpec("a", checkpoints["student"]), TeacherSpec("b", checkpoints["llama"])])
 
@@ -198,7 +200,8 @@ def test_colocated_teachers_reserve_no_cpu_in_the_plan():
     text = format_plans(check_plan(two))
     assert "stage run [opd]: 2 CPUs" in text
     assert "teacher[math] cpus=0    gpus=0    colocated  holds teacher (/ckpt/math)" in text
-    assert "teacher[instruct] cpus=0    gpus=0    colocated  holds teacher (final checkpoint of stage 'grpo_if')" in text
+    assert ("teacher[instruct] cpus=0    gpus=0    colocated  holds teacher (final checkpoint of stage 'grpo_if')"
+            in text)
     own = opd({"path": "/ckpt/math", "domains": ["math"], "num_cpus": 1, "name": "m"})
     with pytest.raises(RecipeError, match="needs 3 CPUs .*teacher\\[m\\] 1"):
         check_plan(own)
@@ -217,7 +220,8 @@ def test_vllm_backend_scores_the_tempered_teacher(ray_local, checkpoints, refere
             ref = reference_rows(checkpoints["student"], s)
             tokens = ref.gather(1, torch.tensor(s.response_ids)[:, None])[:, 0]
             torch.testing.assert_close(torch.tensor(sc.token_logprobs), tokens, atol=1e-4, rtol=0)
-            torch.testing.assert_close(torch.tensor(sc.support_logprobs[:, :k]), ref.topk(k, -1).values, atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.tensor(sc.support_logprobs[:, :k]), ref.topk(k, -1).values, atol=1e-4,
+                                       rtol=0)
             assert sc.support_ids.shape == (len(s.response_ids), k + 1)
         with pytest.raises(TeacherError, match="use the torch backend") as e:
             pool.score(batch, ["math"] * len(batch), T, full=True)
