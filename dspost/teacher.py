@@ -9,13 +9,13 @@ tempered rows.
 
 Backends (`teachers[i].backend`), measured by `benchmarks/teacher_scoring.py` (128 samples, tiny-math, 2 cores):
 - `torch` (default): a plain forward through the trainer's own `packed_logprobs` (padding-free packed rows, the head
-  only at response positions). Exact at any T, any support (the student's top-k included), full rows at 0.13x the
-  CPU of vLLM's full-vocabulary prompt logprobs; starts in 5-9 s. Its eager forward takes ~2x the wall (2.4x the
-  CPU) of vLLM's compiled prefill for the sampled tokens.
+  only at response positions). Exact at any T, any support (the student's top-k included), full rows in 0.34x the
+  wall time of vLLM's full-vocabulary prompt logprobs; starts in 5-10 s. Its eager forward takes 2.0x the wall time
+  (2.3x the CPU) of vLLM's compiled prefill for the sampled tokens.
 - `vllm`: prompt logprobs with the head scaled by 1/T (vLLM 0.32's prompt logprobs ignore the request's temperature:
   up to 0.95 nats, mean 0.19, off at T=0.6), checked against the plain forward at start; sampled tokens and top-k
-  only. 0.95x the raw vLLM call's wall time, 1.04x its CPU. It saves ~0.5 s per 128-sample step, which repays its
-  35-70 s engine start after ~100 steps: worth it for long runs, not for the pipeline's short OPD stage.
+  only. 1.01x the raw vLLM call's wall time (1.06x its CPU). It saves ~0.35 s per 128-sample step, which repays its
+  30-50 s engine start after ~100 steps: worth it for long runs, not for the pipeline's short OPD stage.
 
     pool = TeacherPool(teacher_specs(recipe.teachers, paths), dtype="float32", row_len=recipe.algorithm.pack_len)
     pool.check_tokenizer(student_path)     # one line naming teachers[i].path when a vocabulary differs
