@@ -144,6 +144,28 @@ class TorchScorer:
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.ours = isinstance(model, DeepseekV3)
         self.row_len, self.pad_id = row_len, pad_id
+        if not self.ours:
+            self._check_packing(path)
+
+    def _check_packing(self, path: str) -> None:
+        """A transformers model must keep packed sequences apart (its masks built from restarting positions): three
+        short sequences scored in one row must score as each alone."""
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        V = head_rows(path)
+        prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (3, 6, 2)]
+        responses = [torch.randint(0, V, (n,), generator=g).tolist() for n in (5, 2, 7)]
+        row_len, self.row_len = self.row_len, 64
+        try:
+            packed = self.score(prompts, responses, 1.0, 0, False, None)
+            alone = [self.score([p], [r], 1.0, 0, False, None)[0] for p, r in zip(prompts, responses)]
+        finally:
+            self.row_len = row_len
+        gap = max(float(np.abs(a.token_logprobs - b.token_logprobs).max()) for a, b in zip(packed, alone))
+        if not gap <= 1e-4:
+            raise TeacherError(f"{path}: this transformers model lets packed sequences see each other (logprobs move "
+                               f"by {gap:.3g} nats when scored together): it needs masks built from position_ids")
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], temperature: float, k: int,
               full: bool, extra: torch.Tensor | None) -> list[TeacherScores]:
