@@ -511,6 +511,20 @@ class TeacherSection(Section):
     """Weight w_i of this teacher's reverse KL."""
     domains: list[str] = Field(default_factory=list)
     """Data sources routed to this teacher (empty = all)."""
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Name in metrics and the resource plan (`opd/<name>/reverse_kl`, `teacher[<name>]`); unset = its only
+    domain, else `teacher<i>`."""
+    num_cpus: float = Field(0, ge=0)
+    """CPUs reserved for the teacher's actor. 0 colocates it: it shares the rollout and trainer workers' cores,
+    which it alternates with (generate, then score, then update), and uses all of them while it scores."""
+    num_gpus: float = Field(0, ge=0)
+    """GPUs reserved for the teacher's actor (a fraction shares one); 0 = it scores on CPU."""
+    num_threads: int | None = Field(None, ge=1)
+    """torch threads of the teacher's forward; unset = its CPUs, or every core of its node when colocated."""
+    backend: Literal["torch", "vllm"] = "torch"
+    """How the teacher scores: `torch`, a plain forward (exact at any temperature, every estimator, starts in
+    seconds), or `vllm`, prompt logprobs with the head scaled by 1/T (checked against the plain forward at start;
+    sampled and top-k without the student's top-k; ~2x faster per step on CPU, after a 35-70 s engine start)."""
 
 
 class OPDRecipe(GRPORecipe):

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dspost.config import ModelSection, Recipe, StageRecipe
+from dspost.config import ModelSection, Recipe, StageRecipe, TeacherSection
 from dspost.recipe import RecipeError, stages_of
 
 
@@ -21,6 +21,7 @@ class Actor:
     gpus: float
     holds: str
     ray: bool = True
+    colocated: bool = False  # a Ray actor reserving nothing: it shares the cores of the actors it alternates with
 
 
 @dataclass
@@ -60,6 +61,16 @@ def _trainers(stage: StageRecipe, holds: str) -> list[Actor]:
     ]
 
 
+def _teachers(teachers: list[TeacherSection]) -> list[Actor]:
+    """One Ray actor per teacher; one reserving neither CPU nor GPU is colocated with the pools."""
+    from dspost.teacher import teacher_names
+
+    return [Actor(f"teacher[{name}]", t.num_cpus, t.num_gpus,
+                  f"teacher ({t.path or f'final checkpoint of stage {t.from_stage!r}'})",
+                  colocated=t.num_cpus == 0 and t.num_gpus == 0)
+            for name, t in zip(teacher_names(teachers), teachers)]
+
+
 def _plan_stage(name: str, stage: StageRecipe) -> Plan:
     plan = Plan(stage=name, kind=stage.kind)
     if stage.kind == "eval_rm":
@@ -82,9 +93,10 @@ def _plan_stage(name: str, stage: StageRecipe) -> Plan:
     # RL needs the rollout and trainer pools side by side, so trainers are Ray actors even when alone.
     plan.actors += [Actor(a.name, a.cpus, a.gpus, a.holds, ray=True) for a in _trainers(stage, train_holds)]
     if stage.kind == "opd":
-        for j, teacher in enumerate(stage.teachers):
-            src = teacher.path or f"final checkpoint of stage {teacher.from_stage!r}"
-            plan.actors.append(Actor(f"teacher[{j}]", 1, r.num_gpus_per_worker, f"teacher ({src})"))
+        plan.actors += _teachers(stage.teachers)
+        if any(a.colocated for a in plan.actors):
+            plan.notes.append("colocated teachers reserve no CPU: they share the rollout and trainer cores, and "
+                              "generation, teacher scoring and the update run one after another")
     plan.notes.append(f"reward scoring: {stage.rewards.num_workers} worker processes beside the driver")
     return plan
 
@@ -134,6 +146,7 @@ def format_plans(plans: list[Plan]) -> str:
         where = "Ray actors" if plan.uses_ray else "in-process (no Ray)"
         lines.append(f"stage {plan.stage} [{plan.kind}]: {plan.cpus:g} CPUs, {plan.gpus:g} GPUs, {where}")
         for a in plan.actors:
-            lines.append(f"  {a.name:<12} cpus={a.cpus:<4g} gpus={a.gpus:<4g} {'ray' if a.ray else 'local'}  holds {a.holds}")
+            how = "colocated" if a.colocated else "ray" if a.ray else "local"
+            lines.append(f"  {a.name:<12} cpus={a.cpus:<4g} gpus={a.gpus:<4g} {how}  holds {a.holds}")
         lines += [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines)
