@@ -20,7 +20,8 @@ def start_ray(cfg):
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        # address="local": a new cluster of our own, never one another process of this machine started
+        ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
     return ray, True
 
 
