@@ -32,6 +32,17 @@ class SamplingConfig:
     stop: list[str] = field(default_factory=list)
 
 
+def cpu_attention(dtype: str) -> dict:
+    """On a CPU with AMX, vLLM 0.32 picks its AMX MLA backend, whose weight packing takes bf16/fp16/int8 only: an
+    fp32 engine dies at load ("expect weight to be bfloat16, ..."). fp32 engines ask for the reference CPU MLA
+    backend, whose logprobs match the trainer's to ~1e-6 (compiled); a non-MLA model ignores the choice."""
+    import torch
+
+    if torch.cuda.is_available() or dtype != "float32":
+        return {}
+    return {"attention_config": {"backend": "CPU_MLA"}}
+
+
 class VLLMEngine:
     """vLLM's `LLM` in this process (so weight updates reach it by reference), with the sync extension."""
 
@@ -59,6 +70,7 @@ class VLLMEngine:
                        # A sampled token's logprob under the distribution it was drawn from (after temperature
                        # and top-p), which the trainer's importance ratios compare against.
                        logprobs_mode="processed_logprobs",
+                       **cpu_attention(dtype),
                        # GPU pools receive weights over NCCL through vLLM's weight-transfer engine.
                        **({"weight_transfer_config": {"backend": weight_transfer}} if weight_transfer else {}))
         # vLLM's CPU backend cannot return routed experts (needs Model Runner V2, which needs Triton).
