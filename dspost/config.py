@@ -527,11 +527,56 @@ class TeacherSection(Section):
     sampled and top-k without the student's top-k; ~2x faster per step on CPU, after a 35-70 s engine start)."""
 
 
+class OPDSection(Section):
+    estimator: Literal["sampled", "topk", "full"] = "sampled"
+    """Reverse-KL estimator: `sampled`, the per-token `log pi_s - log pi_t` of the sampled token as a negative
+    advantage in the clipped, importance-weighted token policy gradient (Tinker, verl); `topk`, the exact reverse KL
+    over the teacher's top-k plus the sampled token with the tail's mass as one bucket; `full`, the exact reverse KL
+    over the vocabulary (the teacher's whole rows travel to the trainer: small vocabularies only)."""
+    top_k: int = Field(32, ge=1, le=1024)
+    """`topk`: the teacher's top-k ids per position (the sampled token is added to them)."""
+    discount: float = Field(0.0, ge=0.0, le=1.0)
+    """`sampled`: the advantage of token t adds the discounted later per-token KLs (0: each token's own, Tinker's
+    default; 1: the sequence's remaining reverse KL)."""
+
+
 class OPDRecipe(GRPORecipe):
     kind: Literal["opd"]  # type: ignore[assignment]
     """On-policy distillation (reverse KL) of one or more teachers into the student."""
     teachers: list[TeacherSection] = Field(min_length=1)
     """Specialist teachers."""
+    opd: OPDSection = Field(default_factory=OPDSection)
+    """The distillation loss."""
+    rewards: RewardsSection = Field(default_factory=lambda: RewardsSection(terms=[RewardTerm(name="math", weight=0)]))
+    """Reward terms. Of weight 0 (the default) they only grade held-out evaluation; a term with a weight mixes a
+    group-normalised outcome advantage into the distillation (then `rollout.n` >= 2)."""
+
+    @model_validator(mode="after")
+    def _distillation_options(self) -> "OPDRecipe":
+        if self.rollout.temperature == 0:
+            raise ValueError("rollout.temperature: OPD scores the student's samples under the teacher at the rollout "
+                             "temperature; greedy decoding (0) has no distribution to match, use > 0")
+        for name in ("loss", "kl_beta", "entropy_coef"):
+            if name in self.algorithm.model_fields_set:
+                raise ValueError(f"algorithm.{name}: OPD's loss is the reverse KL to the teachers (opd.estimator); "
+                                 f"algorithm.{name} applies to kind: grpo only")
+        if any(t.weight != 0 for t in self.rewards.terms) and self.rollout.n < 2:
+            raise ValueError(f"rollout.n: an outcome reward (a rewards.terms weight != 0) is group-normalised, so it "
+                             f"needs n >= 2 (got {self.rollout.n})")
+        if self.opd.discount and self.opd.estimator != "sampled":
+            raise ValueError(f"opd.discount: applies to the sampled estimator only, not {self.opd.estimator!r}")
+        sources = [src.name for src in self.data.sources]
+        for i, t in enumerate(self.teachers):
+            unknown = [d for d in t.domains if d not in sources]
+            if unknown:
+                raise ValueError(f"teachers.{i}.domains: {unknown[0]!r} is not a data source "
+                                 f"(data.sources: {sources or 'none'})")
+            if t.backend == "vllm" and self.opd.estimator == "full":
+                raise ValueError(f"teachers.{i}.backend: vllm returns top-k prompt logprobs, not whole rows; the full "
+                                 "estimator needs backend: torch")
+            if t.path is None and t.from_stage is None:
+                raise ValueError(f"teachers.{i}: set path or from_stage")
+        return self
 
 
 class RMRecipe(StageBase):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dspost.config import EvalSection, GRPORecipe, RewardsSection, RolloutSection
+from dspost.config import EvalSection, GRPORecipe, OPDRecipe, RewardsSection, RolloutSection
 from dspost.data.loading import BadRows, Example
 from dspost.data.sources import Mixture, load_mixture, source_label
 from dspost.distributed import group_url, start_ray
@@ -67,7 +67,7 @@ class Prompt:
 class RLSession:
     """One RL stage's running state. Built by `rl_session`; the phases are its methods."""
 
-    recipe: GRPORecipe
+    recipe: GRPORecipe | OPDRecipe
     run: RunDir
     pool: object  # dspost.rollout.pool.RolloutPool
     trainers: list
@@ -78,6 +78,7 @@ class RLSession:
     start: int  # the first step to run (after the resumed checkpoint's)
     final: Path | None = None  # the newest checkpoint
     parity: dict[str, float] = field(default_factory=dict)
+    running: contextlib.ExitStack | None = None  # what the session stops when it ends (a stage adds its own actors)
 
     def steps(self) -> range:
         return range(self.start, self.recipe.trainer.max_steps)
@@ -113,8 +114,7 @@ class RLSession:
                                                  [samples[i].logprobs for i in sh], [float(advantages[i]) for i in sh],
                                                  **{k: [v[i] for i in sh] for k, v in per_sample.items()}), step + 1)
                 for w, sh in zip(self.trainers, shards)]
-        results = actor_get(refs)
-        return {k: sum(m[k] for m in results) / len(results) for k in results[0]}
+        return combine_ranks(actor_get(refs))
 
     def sync(self, step: int) -> dict[str, float]:
         """The trainer's weights into every engine, then (every `sync.parity_every` syncs) the parity probe."""
@@ -153,7 +153,7 @@ class RLSession:
 
 
 @contextlib.contextmanager
-def rl_session(recipe: GRPORecipe, run: RunDir, model_path: Path) -> Iterator[RLSession]:
+def rl_session(recipe: GRPORecipe | OPDRecipe, run: RunDir, model_path: Path) -> Iterator[RLSession]:
     """Start the pools, load and fit the prompts, set up the reward terms and the probe, and (on a fresh run)
     evaluate step 0; on exit, whatever happened, no actor, engine, scorer or critic outlives the run."""
     train, held_out, bad = load_mixture(recipe.data, need_targets=False)
@@ -183,15 +183,33 @@ def rl_session(recipe: GRPORecipe, run: RunDir, model_path: Path) -> Iterator[RL
             running.callback(term.close)
         run.resumed(resume_from, start)
         rl = RLSession(recipe, run, pool, trainers, terms, train, held_out, ParityProbe(probe, recipe.sync.parity_threshold),
-                       start, resume_from)
+                       start, resume_from, running=running)
         rl.parity = rl.prober.check(pool, trainers[0])
         if start == 0:
             run.log_metrics(0, {**rl.evaluate(0), **rl.parity})
         yield rl
 
 
+def combine_ranks(results: list[dict[str, float]]) -> dict[str, float]:
+    """The trainer ranks' step metrics as one: token counts (`.../tokens`) add up, the per-teacher reverse KLs are
+    token-weighted means (`opd/<t>/reverse_kl` by `opd/<t>/tokens`, `opd/reverse_kl` by `train/tokens`), the rest
+    are plain means over the ranks (each rank's share of the batch is equal)."""
+    out = {}
+    for k in dict.fromkeys(k for m in results for k in m):
+        have = [m for m in results if k in m]
+        if k.endswith("tokens"):
+            out[k] = sum(m[k] for m in have)
+        elif k.startswith("opd/") and k.endswith("reverse_kl"):
+            weight = k[: -len("reverse_kl")] + "tokens" if k != "opd/reverse_kl" else "train/tokens"
+            total = sum(m.get(weight, 0.0) for m in have)
+            out[k] = sum(m[k] * m.get(weight, 0.0) for m in have) / total if total else 0.0
+        else:
+            out[k] = sum(m[k] for m in have) / len(have)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ setup
-def start_pools(recipe: GRPORecipe, serve_from: str, base_model: str, resume_from: str | None,
+def start_pools(recipe: GRPORecipe | OPDRecipe, serve_from: str, base_model: str, resume_from: str | None,
                 running: contextlib.ExitStack):
     """The rollout pool and the trainer actors, each stopped by `running` when the run ends."""
     import ray
@@ -201,12 +219,9 @@ def start_pools(recipe: GRPORecipe, serve_from: str, base_model: str, resume_fro
     r, t = recipe.rollout, recipe.trainer
     if recipe.sync.quantize != "none":  # the engines start as FP8 servers, in the format the syncs will send
         serve_from = quantized_copy(serve_from, recipe.sync.quantize, Path(recipe.output_dir) / "rollout_weights")
-    engine_kwargs = {"dtype": recipe.model.dtype, "memory_fraction": r.memory_fraction,
-                     "max_model_len": recipe.data.max_seq_len + r.max_tokens, "enforce_eager": r.enforce_eager,
-                     "seed": t.seed, "kv_cache_gb": r.kv_cache_gb,
-                     "weight_transfer": "nccl" if recipe.sync.transport == "nccl" else None}
     pool = RolloutPool(r.num_workers, serve_from,
-                       WorkerSpec(r.num_cpus_per_worker, r.num_gpus_per_worker, r.num_threads, r.resources), engine_kwargs)
+                       WorkerSpec(r.num_cpus_per_worker, r.num_gpus_per_worker, r.num_threads, r.resources),
+                       engine_kwargs(recipe))
     running.callback(pool.shutdown)
     env = {"OMP_NUM_THREADS": str(t.num_threads)} if t.num_threads else {}
     actor = ray.remote(TrainerWorker).options(num_cpus=t.num_cpus_per_worker, num_gpus=t.num_gpus_per_worker,
@@ -218,6 +233,15 @@ def start_pools(recipe: GRPORecipe, serve_from: str, base_model: str, resume_fro
     actor_get(trainers[0].connect_weight_transfer.remote(pool.workers))
     pool.rejoin = lambda i, worker: actor_get(trainers[0].rejoin_weight_transfer.remote(i, worker))
     return pool, trainers
+
+
+def engine_kwargs(recipe: GRPORecipe | OPDRecipe) -> dict:
+    """`VLLMEngine` arguments of the rollout engines (and of vLLM-backed teachers, which score the same sequences)."""
+    r = recipe.rollout
+    return {"dtype": recipe.model.dtype, "memory_fraction": r.memory_fraction,
+            "max_model_len": recipe.data.max_seq_len + r.max_tokens, "enforce_eager": r.enforce_eager,
+            "seed": recipe.trainer.seed, "kv_cache_gb": r.kv_cache_gb,
+            "weight_transfer": "nccl" if recipe.sync.transport == "nccl" else None}
 
 
 def quantized_copy(path: str, fmt: str, out: Path) -> str:

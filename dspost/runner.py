@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from dspost.config import EvalRMRecipe, GRPORecipe, ModelSection, Recipe, RMRecipe, SFTRecipe, StageRecipe
+from dspost.config import EvalRMRecipe, GRPORecipe, ModelSection, OPDRecipe, Recipe, RMRecipe, SFTRecipe, StageRecipe
 from dspost.plots import plot_run
 from dspost.recipe import stages_of
 from dspost.rundir import RunDir, default_output_dir
@@ -60,6 +60,12 @@ def _grpo(stage: GRPORecipe, run: RunDir, model_path: Path, progress: Progress) 
     return run_grpo(stage, run, model_path, progress)
 
 
+def _opd(stage: OPDRecipe, run: RunDir, model_path: Path, progress: Progress) -> Path:
+    from dspost.opd import run_opd
+
+    return run_opd(stage, run, model_path, progress)
+
+
 def _rm(stage: RMRecipe, run: RunDir, model_path: Path, progress: Progress) -> Path:
     from dspost.rm import run_rm
 
@@ -73,13 +79,16 @@ def _eval_rm(stage: EvalRMRecipe, run: RunDir, model_path: Path | None, progress
 
 
 STAGE_RUNNERS: dict[str, Callable[[StageRecipe, RunDir, Path, Progress], Path]] = {
-    "sft": _sft, "grpo": _grpo, "rm": _rm, "eval_rm": _eval_rm}
+    "sft": _sft, "grpo": _grpo, "opd": _opd, "rm": _rm, "eval_rm": _eval_rm}
 
 
 def run_stage(stage: StageRecipe, stage_outputs: dict[str, Path] | None = None, log=print) -> Path:
     """Run one stage into its run directory and return its final checkpoint."""
     runner = STAGE_RUNNERS[stage.kind]  # `check_runnable` refused other kinds when the recipe was loaded
     model_path = start_from(stage.model, stage_outputs, log) if hasattr(stage, "model") else None
+    for teacher in getattr(stage, "teachers", None) or []:  # recorded in the run's config.yaml as the path it was
+        if teacher.from_stage and teacher.path is None:
+            teacher.path = str(stage_outputs[teacher.from_stage])
     if stage.output_dir is None:
         stage.output_dir = str(default_output_dir(stage.name or stage.kind))
     run = RunDir(stage.output_dir, stage)

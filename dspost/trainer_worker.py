@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from dspost.algorithms import LossInputs, policy_loss
-from dspost.config import GRPORecipe
+from dspost.config import GRPORecipe, OPDRecipe
 from dspost.data.packing import first_fit_decreasing
 from dspost.distributed import all_reduce_sum, init_group
 from dspost.training import Optimizer, check_finite, compile_if_asked, device, save_training_checkpoint, torch_dtype
@@ -18,29 +18,55 @@ from dspost.training import Optimizer, check_finite, compile_if_asked, device, s
 
 @dataclass
 class RolloutBatch:
-    """One rank's share of a step: token ids, the engine's logprobs, advantages."""
+    """One rank's share of a step: token ids, the engine's logprobs, advantages (GRPO's, or OPD's outcome
+    advantages), and for OPD each sample's teacher scores over its response tokens (`dspost.teacher.TeacherScores`)."""
 
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
     rollout_logprobs: list[list[float]]
     advantages: list[float]
+    teacher_logprobs: list | None = None  # [R] each: the teacher's logprob of every sampled token
+    teacher_index: list[int] | None = None  # the sample's teacher (index into `recipe.teachers`)
+    teacher_weight: list[float] | None = None  # w_i of the sample's teacher
+    support_ids: list | None = None  # [R, K] each (topk): teacher top-k ++ sampled token; repeats are -1
+    support_logprobs: list | None = None  # [R, K] each (topk): the teacher's logprobs at support_ids
+    teacher_rows: list | None = None  # [R, V] each (full): the teacher's log-softmax rows
 
 
 def pack(batch: RolloutBatch, pad_id: int) -> dict[str, torch.Tensor]:
-    """[B, L] ids of prompt+response, and [B, L-1] tensors aligned with next-token positions."""
+    """[B, L] ids of prompt+response, and [B, L-1] tensors aligned with next-token positions (the teacher's
+    [B, L-1, K] support and [B, L-1, V] rows likewise)."""
     seqs = [p + r for p, r in zip(batch.prompt_ids, batch.response_ids)]
     L = max(len(s) for s in seqs)
     B = len(seqs)
     ids = torch.full((B, L), pad_id, dtype=torch.long)
     mask = torch.zeros(B, L - 1)
-    rollout_lp = torch.zeros(B, L - 1)
-    for i, (p, r, lp) in enumerate(zip(batch.prompt_ids, batch.response_ids, batch.rollout_logprobs)):
+    out = {"ids": ids, "mask": mask, "rollout_lp": torch.zeros(B, L - 1)}
+    per_token = {"rollout_lp": batch.rollout_logprobs, "teacher_lp": batch.teacher_logprobs,
+                 "support_ids": batch.support_ids, "support_lp": batch.support_logprobs,
+                 "teacher_rows": batch.teacher_rows}
+    for key, values in per_token.items():
+        if values is not None and key not in out:
+            shape = (B, L - 1, *torch.as_tensor(values[0]).shape[1:])
+            out[key] = torch.zeros(shape, dtype=torch.long if key == "support_ids" else torch.float32)
+    for i, (p, r) in enumerate(zip(batch.prompt_ids, batch.response_ids)):
         ids[i, : len(p) + len(r)] = torch.tensor(p + r)
         # response token j sits at position len(p)+j and is predicted from position len(p)+j-1
-        mask[i, len(p) - 1: len(p) - 1 + len(r)] = 1
-        rollout_lp[i, len(p) - 1: len(p) - 1 + len(r)] = torch.tensor(lp, dtype=torch.float32)
-    lengths = torch.tensor([len(s) for s in seqs])
-    return {"ids": ids, "lengths": lengths, "mask": mask, "rollout_lp": rollout_lp, "adv": torch.tensor(batch.advantages)}
+        span = slice(len(p) - 1, len(p) - 1 + len(r))
+        mask[i, span] = 1
+        for key, values in per_token.items():
+            if values is not None:
+                out[key][i, span] = torch.as_tensor(values[i]).to(out[key].dtype)
+    if "support_ids" in out:  # a repeated id (-1) becomes a copy of column 0, id and logprob: it counts once
+        repeat = out["support_ids"] < 0
+        out["support_ids"] = torch.where(repeat, out["support_ids"][..., :1], out["support_ids"])
+        out["support_lp"] = torch.where(repeat, out["support_lp"][..., :1], out["support_lp"])
+    out["lengths"] = torch.tensor([len(s) for s in seqs])
+    out["adv"] = torch.tensor(batch.advantages)
+    for key in ("teacher_index", "teacher_weight"):
+        if getattr(batch, key) is not None:
+            out[key] = torch.tensor(getattr(batch, key))
+    return out
 
 
 def token_logprobs(model, ids: torch.Tensor, routes=None, position_ids=None, segment_ids=None,
@@ -54,7 +80,7 @@ def token_logprobs(model, ids: torch.Tensor, routes=None, position_ids=None, seg
 
 
 def _next_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy_grad: bool,
-                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         temperature: float, rows: bool = False) -> tuple[torch.Tensor, ...]:
     logits = logits.float()
     if temperature not in (0.0, 1.0):  # 0 is greedy: vLLM reports the untempered logprobs of a greedy sample
         logits = logits / temperature
@@ -62,17 +88,19 @@ def _next_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy_gr
     lp = logp_all.gather(-1, targets[..., None])[..., 0]
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return lp, entropy
+    return (lp, entropy, logp_all) if rows else (lp, entropy)
 
 
 def packed_logprobs(model, ids: torch.Tensor, lengths: torch.Tensor, row_len: int, entropy_grad: bool = False,
-                    temperature: float = 1.0, at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    temperature: float = 1.0, at: torch.Tensor | None = None,
+                    with_rows: bool = False) -> tuple[torch.Tensor, ...]:
     """`token_logprobs` of the padded sequences `ids` [B, L] (true `lengths` [B]), computed with the
     sequences packed into rows of up to `row_len` tokens: per-sequence attention, positions restarting at
     each sequence. Padding every sequence to the batch's longest wastes the update's time on pad tokens, up to
     a third of it when response lengths spread from a few tokens to max_tokens. Returned in the [B, L-1]
     layout of `pack`. With `at` (bool [B, L-1], e.g. the response mask) the head runs at those positions
-    only (the prompt's logprobs are never used) and the others are 0."""
+    only (the prompt's logprobs are never used) and the others are 0. With `with_rows`, also the log-softmax rows
+    [B, L-1, V] there (with their gradient; 0 elsewhere), which OPD's topk and full estimators differentiate."""
     B, L = ids.shape
     n = lengths.tolist()
     rows = first_fit_decreasing(n, row_len)
@@ -96,16 +124,19 @@ def packed_logprobs(model, ids: torch.Tensor, lengths: torch.Tensor, row_len: in
     row_ids = ids[src_seq.to(dev), src_pos.to(dev)]
     r, c = where_row[at].to(dev), where_col[at].to(dev)
     logits = model(row_ids, position_ids=src_pos.to(dev), segment_ids=segments.to(dev), logits_at=(r, c)).logits
-    lp, entropy = _next_token_logprobs(logits, row_ids[r, c + 1], entropy_grad, temperature)
+    got = _next_token_logprobs(logits, row_ids[r, c + 1], entropy_grad, temperature, with_rows)
     at = at.to(dev)
-    return lp.new_zeros(B, L - 1).masked_scatter(at, lp), entropy.new_zeros(B, L - 1).masked_scatter(at, entropy)
+    lp, entropy = (v.new_zeros(B, L - 1).masked_scatter(at, v) for v in got[:2])
+    if not with_rows:
+        return lp, entropy
+    return lp, entropy, got[2].new_zeros(B, L - 1, got[2].shape[-1]).masked_scatter(at[..., None], got[2])
 
 
 class TrainerWorker:
     """One rank of the trainer pool, built from the typed recipe: the policy, its optimizer, the reference model
     (when `algorithm.kl_beta > 0`), and its share of every rollout batch."""
 
-    def __init__(self, recipe: GRPORecipe, model_path: str, rank: int = 0, world: int = 1, dist_url: str | None = None,
+    def __init__(self, recipe: GRPORecipe | OPDRecipe, model_path: str, rank: int = 0, world: int = 1, dist_url: str | None = None,
                  resume_from: str | None = None):
         from dspost.model import from_pretrained, load_tokenizer
 
@@ -150,10 +181,12 @@ class TrainerWorker:
         temperature = self.recipe.rollout.temperature
         x = {k: v.to(self.device) for k, v in pack(batch, self.tokenizer.pad_token_id).items()}
 
-        def logprobs(model, idx=slice(None)):
+        rows = self.recipe.kind == "opd" and self.recipe.opd.estimator != "sampled"
+
+        def logprobs(model, idx=slice(None), rows=False):
             with self.autocast:
                 return packed_logprobs(model, x["ids"][idx], x["lengths"][idx], a.pack_len, a.entropy_coef > 0,
-                                       temperature, at=x["mask"][idx])
+                                       temperature, at=x["mask"][idx], with_rows=rows)
 
         # With one optimizer step per batch, every forward sees the weights that produced the batch: the
         # training forward's own logprobs (detached) are the old ones, and no separate pass is needed.
@@ -166,19 +199,23 @@ class TrainerWorker:
             ref_lp = logprobs(self.ref)[0] if self.ref is not None else None
         B = x["ids"].shape[0]
         seen_lp, seen_entropy = torch.zeros_like(x["rollout_lp"]), torch.zeros_like(x["rollout_lp"])
+        seen_kl = torch.zeros_like(x["rollout_lp"])
         sums: dict[str, float] = {}
         for mb in torch.arange(B).chunk(a.minibatches):
             # Every mean is over the whole minibatch, on every rank (see dspost/algorithms.py).
             tokens, sequences = all_reduce_sum([float(x["mask"][mb].sum()), float(len(mb))], self.world)
             for micro in mb.chunk(t.grad_accum):
-                lp, ent = logprobs(self.model, micro)
+                lp, ent, *student_rows = logprobs(self.model, micro, rows)
                 old = old_lp[micro] if old_lp is not None else lp.detach()
                 if old_lp is None:
                     seen_lp[micro], seen_entropy[micro] = old, ent.detach()
-                inputs = LossInputs(lp, old, x["rollout_lp"][micro], x["adv"][micro], x["mask"][micro],
-                                    ref_lp[micro] if ref_lp is not None else None, ent, tokens=tokens,
-                                    sequences=sequences, max_len=self.recipe.rollout.max_tokens)
-                loss, m = policy_loss(inputs, a)
+                if self.recipe.kind == "opd":
+                    loss, seen_kl[micro], m = self._distill_loss(x, micro, lp, old, student_rows, tokens)
+                else:
+                    inputs = LossInputs(lp, old, x["rollout_lp"][micro], x["adv"][micro], x["mask"][micro],
+                                        ref_lp[micro] if ref_lp is not None else None, ent, tokens=tokens,
+                                        sequences=sequences, max_len=self.recipe.rollout.max_tokens)
+                    loss, m = policy_loss(inputs, a)
                 check_finite(step, "the policy loss", loss)
                 # The group averages gradients over its ranks; each rank's loss is its share of the global mean.
                 (loss * self.world).backward()
@@ -192,6 +229,11 @@ class TrainerWorker:
         metrics: dict[str, float] = {
             "train/entropy": float((entropy * x["mask"]).sum() / n),
             "train/rollout_logprob_diff": float(((old_lp - x["rollout_lp"]).abs() * x["mask"]).sum() / n)}
+        if self.recipe.kind == "opd":
+            from dspost.algorithms import opd_metrics
+            from dspost.teacher import teacher_names
+
+            metrics.update(opd_metrics(seen_kl, x["mask"], x["teacher_index"], teacher_names(self.recipe.teachers)))
         load = self.model.expert_load()
         if load.numel():
             ratios = load.max(1).values / load.min(1).values.clamp(min=1)
@@ -201,6 +243,21 @@ class TrainerWorker:
         metrics["train/tokens"] = float(n)
         metrics["train/seconds"] = time.perf_counter() - t0
         return metrics
+
+    def _distill_loss(self, x: dict[str, torch.Tensor], micro: torch.Tensor, lp: torch.Tensor, old: torch.Tensor,
+                      student_rows: list[torch.Tensor], tokens: float):
+        """OPD's loss on one micro-batch (`algorithms.distill_loss`): the estimator of `opd.estimator` against each
+        sample's own teacher, plus the outcome advantage when a reward term has a weight."""
+        from dspost.algorithms import DistillInputs, distill_loss
+
+        o = self.recipe.opd
+        outcome = any(term.weight != 0 for term in self.recipe.rewards.terms)
+        get = lambda key: x[key][micro] if key in x else None  # noqa: E731
+        inputs = DistillInputs(lp, old, x["rollout_lp"][micro], x["teacher_lp"][micro], x["mask"][micro],
+                               x["teacher_weight"][micro], student_rows[0] if student_rows else None,
+                               get("support_ids"), get("support_lp"), get("teacher_rows"),
+                               x["adv"][micro] if outcome else None, tokens=tokens)
+        return distill_loss(inputs, o.estimator, self.recipe.algorithm, o.discount)
 
     def connect_weight_transfer(self, workers: list) -> None:
         """The recipe's weight transport (`rollout/sync.py`) to the rollout workers, once, before the first sync."""

@@ -203,8 +203,8 @@ CASES = [
      "trainer.batch_size: an RL step trains on its rollout"),
     ("rollout engine choice", "kind: grpo\nrollout:\n  engine: vllm\n", [], "rollout.engine: unknown key"),
     ("routing replay", "kind: grpo\nalgorithm:\n  routing_replay: true\n", [], "algorithm.routing_replay: unknown key"),
-    ("a later stage that cannot run", "kind: pipeline\nstages:\n  - kind: sft\n    name: a\n"
-     "  - kind: opd\n    name: b\n    teachers: [{path: ckpt}]\n", [], "stages.1.kind: opd stages are not implemented"),
+    ("a later stage that cannot start", "kind: pipeline\nstages:\n  - kind: sft\n    name: a\n"
+     "  - kind: opd\n    name: b\n    teachers: [{path: noconfig}]\n", [], "stages.1.teachers.0.path: noconfig: no config.json"),
 ]
 
 
