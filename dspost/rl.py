@@ -114,7 +114,8 @@ class RLSession:
                                                  **{k: [v[i] for i in sh] for k, v in per_sample.items()}), step + 1)
                 for w, sh in zip(self.trainers, shards)]
         results = actor_get(refs)
-        return {k: sum(m[k] for m in results) / len(results) for k in results[0]}
+        # Each rank trains on its shard: token counts add up over the ranks, the other metrics are averaged.
+        return {k: sum(m[k] for m in results) / (1 if k == "train/tokens" else len(results)) for k in results[0]}
 
     def sync(self, step: int) -> dict[str, float]:
         """The trainer's weights into every engine, then (every `sync.parity_every` syncs) the parity probe."""
