@@ -59,15 +59,18 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    preset: Literal["tiny-math"] | None = "tiny-math"
-    """Built-in model, created (and cached) on first use. Ignored when `path` or `from_stage` is set."""
+    preset: Literal["tiny-math", "tiny-dense"] | None = "tiny-math"
+    """Built-in model, created (and cached) on first use. Ignored when `path` or `from_stage` is set. `tiny-math`: the
+    4-layer MoE; `tiny-dense`: the same family with every layer dense (3.28M parameters, about tiny-math's 3.39M
+    activated), which vLLM serves: the dense OPD student. Both share one tokenizer."""
     path: str | None = None
     """Local checkpoint directory in Hugging Face layout (ours, transformers', or DeepSeek FP8)."""
     from_stage: str | None = None
     """In a pipeline: start from the final checkpoint of the named earlier stage."""
     warm_start: bool = True
     """For `tiny-math`: start from the project's SFT warm start (produced once and cached) instead of
-    random weights. Only the warm-start recipe itself sets this to false."""
+    random weights. Only the warm-start recipe itself sets this to false. `tiny-dense` has no warm start and always
+    starts from its random init (a pipeline SFTs it as a stage), so setting this true for it is refused."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype. fp32 on CPU: bf16 matmuls are 5-25x slower there."""
     mtp_loss_weight: float = Field(0.3, ge=0.0)
@@ -76,6 +79,13 @@ class ModelSection(Section):
     """Aux-loss-free balancing: gamma of the per-step router-bias update (0 turns it off)."""
     seq_balance_loss_weight: float = Field(0.0, ge=0.0)
     """Alpha of the optional sequence-wise balance loss (DeepSeek-V3 uses 1e-4)."""
+
+    @model_validator(mode="after")
+    def _warm_start_is_tiny_maths(self) -> "ModelSection":
+        if self.preset == "tiny-dense" and self.warm_start and "warm_start" in self.model_fields_set:
+            raise ValueError("warm_start: tiny-dense has no SFT warm start (it starts from its random init); train it "
+                             "with an SFT stage")
+        return self
 
 
 class SourceSection(Section):
@@ -623,7 +633,67 @@ class EvalRMRecipe(StageBase):
     """Evaluate only the first this-many pairs."""
 
 
-Stage = Annotated[Union[SFTRecipe, GRPORecipe, OPDRecipe, RMRecipe, EvalRMRecipe], Field(discriminator="kind")]
+MODEL_STAGE_KINDS = ("sft", "grpo", "opd")
+"""Stage kinds whose output is a policy checkpoint that later stages start from and `evaluate` grades."""
+_EVAL_UNUSED_ROLLOUT = ("prompts_per_step", "n", "temperature", "top_p")
+
+
+class EvaluateRecipe(StageBase):
+    kind: Literal["evaluate"]
+    """Held-out accuracy per domain of earlier pipeline stages' final checkpoints on vLLM, and the pipeline report
+    (`pipeline_report.json` / `.md` in the pipeline's output_dir): accuracy, trainer tokens and wall seconds per
+    stage, and what an OPD student keeps of the specialists' gains at what share of their compute."""
+    stages: list[str] = Field(default_factory=list)
+    """Earlier model stages (sft, grpo, opd) whose final checkpoints to evaluate; empty = all of them. The checkpoint
+    the pipeline's first model stage started from is evaluated too, as the row `start`."""
+    data: DataSection = Field(default_factory=lambda: DataSection(sources=[SourceSection(name="math", synthetic="math")]))
+    """The held-out sets, one per domain in `data.sources` (each source's held-out split; the training rows are not
+    used): the same sources as the stages' give the same held-out rows."""
+    rewards: RewardsSection = Field(default_factory=RewardsSection)
+    """Rule terms that grade each domain: a domain's verifier is the first rule term scoring it (`domains` empty or
+    naming it). Every domain needs one; weights are not used, and critic terms are refused."""
+    eval: EvalSection = Field(default_factory=EvalSection)
+    """How the held-out prompts are decoded: greedy (the default), or `n` samples at `temperature` (pass@1, with
+    greedy beside it), as in GRPO's evaluation."""
+    rollout: RolloutSection = Field(default_factory=RolloutSection)
+    """The vLLM engines: workers, CPUs/GPUs, threads, `max_tokens`, `stop`, memory, eager mode. Its sampling
+    fields (`prompts_per_step`, `n`, `temperature`, `top_p`) are refused: `eval` says how to decode."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """The engines' parameter dtype (fp32 on CPU, as the stages' `model.dtype`)."""
+    seed: Seed = 0
+    """Seed of sampled evaluation (`eval.temperature > 0`), in [0, 2**32)."""
+    parity_threshold: float = Field(1e-3, gt=0, le=1.0)
+    """Checkpoints of one architecture and tokenizer share an engine: each after the first has its weights pushed in
+    (a second, against a new engine's 30-70 s start), and the engine's logprobs on a probe must then match our
+    model's on that checkpoint within this many nats, else the stage stops (as `sync.parity_threshold`)."""
+
+    @model_validator(mode="after")
+    def _grades_every_domain(self) -> "EvaluateRecipe":
+        if not self.data.sources:
+            raise ValueError("data.sources: an evaluate stage reports accuracy per domain; name each held-out set "
+                             "in data.sources")
+        unused = [f for f in _EVAL_UNUSED_ROLLOUT if f in self.rollout.model_fields_set]
+        if unused:
+            raise ValueError(f"rollout.{unused[0]}: an evaluate stage decodes as `eval` says (eval.temperature, "
+                             "eval.n, eval.top_p); rollout only sets up the engines")
+        sources = [src.name for src in self.data.sources]
+        for i, term in enumerate(self.rewards.terms):
+            if term.name.startswith("critic:"):
+                raise ValueError(f"rewards.terms.{i}.name: an evaluate stage grades with rule verifiers; "
+                                 f"{term.name!r} is a critic")
+            unknown = [d for d in term.domains if d not in sources]
+            if unknown:
+                raise ValueError(f"rewards.terms.{i}.domains: {unknown[0]!r} is not a data source (data.sources: "
+                                 f"{sources})")
+        for d in sources:
+            if not any(not t.domains or d in t.domains for t in self.rewards.terms):
+                raise ValueError(f"rewards.terms: domain {d!r} has no verifier (a rule term with `domains` empty or "
+                                 "naming it)")
+        return self
+
+
+Stage = Annotated[Union[SFTRecipe, GRPORecipe, OPDRecipe, RMRecipe, EvalRMRecipe, EvaluateRecipe],
+                  Field(discriminator="kind")]
 
 
 class PipelineRecipe(StageBase):
@@ -643,22 +713,32 @@ class PipelineRecipe(StageBase):
             for j, t in enumerate(getattr(stage, "teachers", []) or []):
                 if t.from_stage:
                     refs.append((f"teachers.{j}.from_stage", t.from_stage))
+            evaluations = [s.name or f"stage{k}" for k, s in enumerate(self.stages[:i]) if s.kind in ("eval_rm",
+                                                                                                   "evaluate")]
             for field, ref in refs:
                 if ref not in seen:
                     raise ValueError(f"stages.{i}.{field}: {ref!r} is not an earlier stage (earlier: {seen or 'none'})")
+                if ref in evaluations:
+                    raise ValueError(f"stages.{i}.{field}: {ref!r} is an evaluation stage; it writes no checkpoint")
+            models = [s.name or f"stage{k}" for k, s in enumerate(self.stages[:i]) if s.kind in MODEL_STAGE_KINDS]
+            for j, ref in enumerate(getattr(stage, "stages", []) if stage.kind == "evaluate" else []):
+                if ref not in models:
+                    raise ValueError(f"stages.{i}.stages.{j}: {ref!r} is not an earlier model stage (sft, grpo, opd; "
+                                     f"earlier: {models or 'none'})")
             if name in seen:
                 raise ValueError(f"stages.{i}.name: duplicate stage name {name!r}")
             seen.append(name)
         return self
 
 
-StageRecipe = Union[SFTRecipe, GRPORecipe, OPDRecipe, RMRecipe, EvalRMRecipe]
-Recipe = Union[SFTRecipe, GRPORecipe, OPDRecipe, RMRecipe, EvalRMRecipe, PipelineRecipe]
+StageRecipe = Union[SFTRecipe, GRPORecipe, OPDRecipe, RMRecipe, EvalRMRecipe, EvaluateRecipe]
+Recipe = Union[SFTRecipe, GRPORecipe, OPDRecipe, RMRecipe, EvalRMRecipe, EvaluateRecipe, PipelineRecipe]
 RECIPE_KINDS: dict[str, type[BaseModel]] = {
     "sft": SFTRecipe,
     "grpo": GRPORecipe,
     "opd": OPDRecipe,
     "rm": RMRecipe,
     "eval_rm": EvalRMRecipe,
+    "evaluate": EvaluateRecipe,
     "pipeline": PipelineRecipe,
 }

@@ -49,7 +49,8 @@ def model_source(model: ModelSection) -> str:
         return f"final checkpoint of stage {model.from_stage!r}"
     if model.path:
         return model.path
-    return f"preset {model.preset}" + (" (SFT warm start)" if model.warm_start else " (random init)")
+    warm = model.preset == "tiny-math" and model.warm_start  # tiny-dense has no warm start
+    return f"preset {model.preset}" + (" (SFT warm start)" if warm else " (random init)")
 
 
 def _trainers(stage: StageRecipe, holds: str) -> list[Actor]:
@@ -76,6 +77,16 @@ def _plan_stage(name: str, stage: StageRecipe) -> Plan:
     if stage.kind == "eval_rm":
         holds = f"critic {stage.critic}" + (" (an in-process vLLM engine)" if stage.critic.startswith("judge:") else "")
         plan.actors.append(Actor("evaluator", 1, 0, holds, ray=False))
+        return plan
+    if stage.kind == "evaluate":
+        r = stage.rollout
+        rows = ", ".join(stage.stages) if stage.stages else "every earlier model stage"
+        plan.actors += [Actor(f"rollout[{i}]", r.num_cpus_per_worker, r.num_gpus_per_worker,
+                              f"vLLM engine serving each checkpoint graded in turn (start, {rows})")
+                        for i in range(r.num_workers)]
+        plan.notes.append("checkpoints of one architecture share the engine (weights pushed in); another architecture "
+                          "gets a new one")
+        plan.notes.append(f"reward scoring: {stage.rewards.num_workers} worker processes beside the driver")
         return plan
     policy = model_source(stage.model)
     role = "reward model" if stage.kind == "rm" else "policy"

@@ -231,6 +231,9 @@ def check_runnable(recipe: Recipe) -> None:
     later stage's start."""
     from dspost.runner import STAGE_RUNNERS
 
+    if recipe.kind == "evaluate":
+        raise RecipeError("kind: an evaluate stage grades the checkpoints of earlier stages: put it among the stages "
+                          "of a kind: pipeline recipe")
     for prefix, stage in stages_of(recipe):
         if stage.kind not in STAGE_RUNNERS:
             raise RecipeError(f"{prefix}kind: {stage.kind} stages are not implemented yet "

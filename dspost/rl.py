@@ -114,7 +114,13 @@ class RLSession:
                                                  [samples[i].logprobs for i in sh], [float(advantages[i]) for i in sh],
                                                  **{k: [v[i] for i in sh] for k, v in per_sample.items()}), step + 1)
                 for w, sh in zip(self.trainers, shards)]
+<<<<<<< HEAD
         return combine_ranks(actor_get(refs))
+=======
+        results = actor_get(refs)
+        # Each rank trains on its shard: token counts add up over the ranks, the other metrics are averaged.
+        return {k: sum(m[k] for m in results) / (1 if k == "train/tokens" else len(results)) for k in results[0]}
+>>>>>>> pipeline
 
     def sync(self, step: int) -> dict[str, float]:
         """The trainer's weights into every engine, then (every `sync.parity_every` syncs) the parity probe."""

@@ -7,6 +7,7 @@
     output_dir/checkpoints/latest    a text file naming the newest complete step_N
     output_dir/plots/*.png           curves, at the end of a run and with `dspost plot RUN_DIR`
     output_dir/run.log               the log
+    output_dir/stage.json            the runner's record: start, final output, finished, wall seconds per attempt
 
 Opening a run directory with its recipe decides how the run starts, and loses nothing silently: with
 `resume: true` it continues from `checkpoints/latest` (a `latest` naming a missing directory is an error, a
@@ -253,3 +254,75 @@ def _plain(v: Any) -> Any:
     if hasattr(v, "item"):
         return v.item()
     return v
+
+
+STAGE_RECORD = "stage.json"
+
+
+class StageRecord:
+    """`stage.json`: what the runner knows of a stage across its attempts, so that a resumed pipeline still knows it.
+
+        {"name", "kind", "inputs": {...}, "final": path | null, "finished": bool,
+         "attempts": [{"started": ISO time, "seconds": wall seconds}], "seconds": their sum}
+
+    `inputs`: what the stage started from (`start`: a model stage's checkpoint; an evaluation: its checkpoints).
+    An attempt's seconds are written at every step (at most once a second) and at its end, so an attempt that was
+    killed counts up to its last step; a stage skipped as finished adds no attempt."""
+
+    def __init__(self, root: str | os.PathLike, data: dict[str, Any]):
+        self.path, self.data = Path(root) / STAGE_RECORD, data
+        self._t0 = self._saved = None
+
+    @classmethod
+    def read(cls, root: str | os.PathLike) -> StageRecord | None:
+        path = Path(root) / STAGE_RECORD
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise RunDirError(f"{path}: unreadable ({e}); delete it to run the stage again") from None
+        return cls(root, data)
+
+    @classmethod
+    def begin(cls, root: str | os.PathLike, name: str, kind: str, inputs: dict[str, Any], resume: bool) -> StageRecord:
+        """A new attempt: appended to the record's attempts when resuming, else the record starts afresh."""
+        record = cls.read(root) if resume else None
+        attempts = record.data.get("attempts", []) if record is not None else []
+        record = cls(root, {"name": name, "kind": kind, "inputs": inputs, "final": None, "finished": False,
+                            "attempts": attempts + [{"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": 0.0}]})
+        record._t0 = time.monotonic()
+        record.save()
+        return record
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.data.get("finished"))
+
+    @property
+    def final(self) -> Path | None:
+        return Path(self.data["final"]) if self.data.get("final") else None
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        return self.data.get("inputs") or {}
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(a.get("seconds", 0.0) for a in self.data.get("attempts", [])))
+
+    def tick(self, *_, force: bool = False) -> None:
+        """The running attempt's seconds so far, saved at most once a second unless `force`."""
+        now = time.monotonic()
+        self.data["attempts"][-1]["seconds"] = round(now - self._t0, 3)
+        if force or self._saved is None or now - self._saved >= 1.0:
+            self.save()
+
+    def finish(self, final: Path) -> None:
+        self.data["final"], self.data["finished"] = str(final), True
+        self.tick(force=True)
+
+    def save(self) -> None:
+        self._saved = time.monotonic()
+        self.data["seconds"] = round(self.seconds, 3)
+        write_text_atomic(self.path, json.dumps(self.data, indent=1) + "\n")

@@ -18,4 +18,17 @@ def tiny_math(**overrides) -> ModelArgs:
     return args.replace(**overrides)
 
 
-PRESETS = {"tiny-math": tiny_math}
+def tiny_dense(**overrides) -> ModelArgs:
+    """tiny-math with every layer dense (`first_k_dense_replace = num_hidden_layers`), as DeepSeek-V3.5's dense
+    variant beside the MoE: the OPD dense student. Each layer's SwiGLU is 384 wide, the width a tiny-math MoE layer
+    activates per token (2 routed + 1 shared expert x 128), so it has 3.28M parameters against tiny-math's 3.39M
+    activated (5.16M in all; tiny-math's one dense layer is 512 wide). No MTP layer: at index num_hidden_layers
+    it would be a MoE block (`first_k_dense_replace` counts it), and vLLM serves the main stack only. Same
+    attention shapes (vLLM's CPU MLA kernel: kv_lora_rank + qk_rope_head_dim = 576), vocabulary and tokenizer."""
+    layers = overrides.pop("num_hidden_layers", 4)  # stays all dense at any depth
+    args = tiny_math(num_hidden_layers=layers, first_k_dense_replace=layers, intermediate_size=384,
+                     num_nextn_predict_layers=0)
+    return args.replace(**overrides)
+
+
+PRESETS = {"tiny-math": tiny_math, "tiny-dense": tiny_dense}
