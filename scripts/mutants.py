@@ -276,6 +276,7 @@ class Outcome:
     seconds: float
     detail: str = ""
     per_test: dict[str, str] | None = None  # --each-test: each guarding test's own status
+    output: str = ""  # pytest's output, shown when the baseline fails
 
 
 def run_pytest(python: Path, repo_copy: Path, tests: list[str], timeout: float, tmp: Path) -> Outcome:
@@ -303,16 +304,16 @@ def run_pytest(python: Path, repo_copy: Path, tests: list[str], timeout: float, 
     tail = out.strip().splitlines()[-1] if out.strip() else ""
     counts = junit_counts(report)
     if proc.returncode == 1 and counts.get("failures", 0) > 0:
-        return Outcome("caught", seconds, tail)
+        return Outcome("caught", seconds, tail, output=out)
     if proc.returncode == 0:
         if counts and counts.get("skipped", 0) == counts.get("tests", 0):
-            return Outcome("skipped", seconds, tail)
-        return Outcome("missed", seconds, tail)
+            return Outcome("skipped", seconds, tail, output=out)
+        return Outcome("missed", seconds, tail, output=out)
     if proc.returncode == 2 or "found no collectors" in out or "ERROR collecting" in out:
-        return Outcome("collection error", seconds, tail)  # e.g. the mutant broke an import
+        return Outcome("collection error", seconds, tail, output=out)  # e.g. the mutant broke an import
     if proc.returncode == 5:
-        return Outcome("no tests", seconds, tail)
-    return Outcome("error", seconds, f"pytest exit {proc.returncode}: {tail}")
+        return Outcome("no tests", seconds, tail, output=out)
+    return Outcome("error", seconds, f"pytest exit {proc.returncode}: {tail}", output=out)
 
 
 def junit_counts(report: Path) -> dict[str, int]:
@@ -435,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"baseline (unmutated): {base_run.status.replace('missed', 'all pass')} "
                   f"in {base_run.seconds:.0f}s: {base_run.detail}", flush=True)
             if base_run.status != "missed":
+                print("\n".join(base_run.output.splitlines()[-60:]), file=sys.stderr)
                 print("mutants: the guarding tests do not all pass on the unmutated code", file=sys.stderr)
                 return 2
         rows = []
