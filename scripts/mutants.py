@@ -167,6 +167,12 @@ MUTANTS: list[Mutant] = [
            (ALG + "test_advantage_estimators_by_hand",), "Dr. GRPO's advantage divided by the std"),
     Mutant("adv-population-std", ALGOS, "r.std(1, keepdim=True)", "r.std(1, keepdim=True, unbiased=False)",
            (ALG + "test_advantage_estimators_by_hand",), "group std without Bessel's correction"),
+    # --------------------------------------------------------------------------------------- meta-critic
+    Mutant("meta-critic-one-biased-slice", "rewards/meta_critic.py",
+           'biased = sorted(name for name, s in slices.items() if s["verdict"] == "biased")',
+           'biased = sorted(name for name, s in slices.items() if s["verdict"] == "biased")[-1:]',
+           ("tests/rewards/test_critics.py::test_planted_length_bias_is_flagged_and_corrected",),
+           "the meta-critic reports only one of the planted critic's biased slices"),
     # -------------------------------------------------------------------------------- quantised training
     Mutant("fp8-forward-negated", QUANT, "return kernels.fp8_gemm(xq, xs, wq, ws, out_dtype=x2d.dtype)",
            "return -kernels.fp8_gemm(xq, xs, wq, ws, out_dtype=x2d.dtype)", (FP8_GEMM, FP8_MODEL, LOGITS),
