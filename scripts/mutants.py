@@ -5,6 +5,7 @@ that guard it there, and print whether they caught it.
     .venv/bin/python scripts/mutants.py --list          # names, files and guarding tests
     .venv/bin/python scripts/mutants.py --only 'loss-*' --only fp8-forward-negated --timeout 300
     .venv/bin/python scripts/mutants.py --only 'fp8-*' --each-test   # which guarding test catches what
+    make mutants MUTANTS_ARGS="--only 'pool-*'"          # the same through make (TESTING.md holds the last table)
 
 The working tree is never touched: its files (tracked, plus untracked ones git does not ignore, as they are on
 disk) are copied to a temporary directory, and a throw-away virtual environment imports `dspost` from there
