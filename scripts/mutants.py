@@ -5,6 +5,7 @@ that guard it there, and print whether they caught it.
     .venv/bin/python scripts/mutants.py --list          # names, files and guarding tests
     .venv/bin/python scripts/mutants.py --only 'loss-*' --only fp8-forward-negated --timeout 300
     .venv/bin/python scripts/mutants.py --only 'fp8-*' --each-test   # which guarding test catches what
+    make mutants MUTANTS_ARGS="--only 'pool-*'"          # the same through make (TESTING.md holds the last table)
 
 The working tree is never touched: its files (tracked, plus untracked ones git does not ignore, as they are on
 disk) are copied to a temporary directory, and a throw-away virtual environment imports `dspost` from there
@@ -21,6 +22,7 @@ snippet not found exactly once)."""
 from __future__ import annotations
 
 import argparse
+import ast
 import fnmatch
 import os
 import re
@@ -56,15 +58,16 @@ class Mutant:
 
 
 # ================================================================================================================
-# TO BE FILLED IN BY THE LEAD (issue 18): the test ids guarding the GRPO end-to-end, rollout-restart and
-# scoring-pool rows. Until a placeholder is replaced by a real test id, running its row stops the whole run with
-# "test id not found" (exit 2), never "caught".
-PENDING = {
-    "grpo_weights_move": "tests/dspost/test_grpo.py::test_grpo_moves_the_weights_the_engine_serves_them_and_resume_repeats_the_run",
-    "grpo_noop_sync_raises": "tests/dspost/test_grpo.py::test_a_sync_that_does_not_reach_the_engine_stops_the_run",
-    "grpo_resume": "tests/dspost/test_grpo.py::test_grpo_moves_the_weights_the_engine_serves_them_and_resume_repeats_the_run",
-    "restart_reloads": "tests/dspost/test_grpo.py::test_a_killed_rollout_worker_restarts_on_the_pushed_weights_and_reruns_its_batch",
-    "pool_timeout": "tests/rewards/test_pool.py::test_a_stuck_item_times_out_and_the_pool_answers_on",
+# The tests guarding the GRPO end-to-end, rollout-restart and scoring-pool rows (issue 18). Each must exist:
+# a missing id stops the whole run with "test id not found" (exit 2), never "caught".
+GRPO, POOL = "tests/dspost/test_grpo.py::", "tests/rewards/test_pool.py::"
+E2E = {
+    "grpo_weights_move": GRPO + "test_grpo_moves_the_weights_the_engine_serves_them_and_resume_repeats_the_run",
+    "grpo_noop_sync_raises": GRPO + "test_a_sync_that_does_not_reach_the_engine_stops_the_run",
+    "grpo_resume": GRPO + "test_grpo_moves_the_weights_the_engine_serves_them_and_resume_repeats_the_run",
+    "restart_reloads": GRPO + "test_a_killed_rollout_worker_restarts_on_the_pushed_weights_and_reruns_its_batch",
+    "pool_timeout": POOL + "test_a_stuck_item_times_out_and_the_pool_answers_on",
+    "pool_dead_worker": POOL + "test_a_worker_killed_mid_item_is_an_error_and_the_pool_answers_on",
 }
 # ================================================================================================================
 
@@ -86,21 +89,32 @@ ALGOS, QUANT, MODEL = "dspost/algorithms.py", "model/quant.py", "model/deepseek_
 LOSS_TABLE = '"grpo": grpo_loss, "dr_grpo": dr_grpo_loss, "dapo": dapo_loss, "gspo": gspo_loss,'
 
 MUTANTS: list[Mutant] = [
-    # ---------------------------------------------------------------- GRPO end to end (tests: the lead's)
-    Mutant("grpo-weight-sync-noop", "dspost/rl.py", "metrics = actor_get(self.trainers[0].publish_weights.remote(step + 1))", "metrics = {}",
-           (PENDING["grpo_weights_move"],), "run_grpo's weight sync does nothing"),
+    # ------------------------------------------------------------------------------------ GRPO end to end
+    Mutant("grpo-weight-sync-noop", "dspost/rl.py",
+           "metrics = actor_get(self.trainers[0].publish_weights.remote(step + 1))", "metrics = {}",
+           (E2E["grpo_weights_move"],), "run_grpo's weight sync does nothing"),
     Mutant("check-parity-never-raises", "dspost/rl.py", "if not mx <= threshold:", "if False:",
-           (PENDING["grpo_noop_sync_raises"],), "check_parity never raises ParityError"),
+           (E2E["grpo_noop_sync_raises"],), "check_parity never raises ParityError"),
     Mutant("grpo-resume-drops-optimizer-state", "dspost/trainer_worker.py",
            "self.optimizer.resume(Path(resume_from) if resume_from else None)",
-           "self.optimizer.resume(None)", (PENDING["grpo_resume"],),
+           "self.optimizer.resume(None)", (E2E["grpo_resume"],),
            "a resumed trainer starts with a fresh optimizer and learning-rate schedule"),
     Mutant("restarted-worker-skips-reload", "rollout/pool.py",
            "            self.rejoin(i, self.workers[i])", "            pass",
-           (PENDING["restart_reloads"],), "a restarted rollout worker serves its start-up weights"),
-    # ---------------------------------------------------------------------- scoring pool (another helper)
+           (E2E["restart_reloads"],), "a restarted rollout worker serves its start-up weights"),
+    # ------------------------------------------------------------------------------------------ scoring pool
     Mutant("pool-timeout-as-error", "rewards/pool.py", 'Verdict(0.0, "timeout", None,', 'Verdict(0.0, "error", None,',
-           (PENDING["pool_timeout"],), "scoring-pool timeouts relabelled error"),
+           (E2E["pool_timeout"],), "scoring-pool timeouts relabelled error"),
+    Mutant("pool-stuck-worker-not-killed", "rewards/pool.py", "busy.pop(i)\n                    self._kill(i)",
+           "busy.pop(i)", (E2E["pool_timeout"],),
+           "a timed-out worker is left running (not killed and replaced): the next item waits behind it"),
+    Mutant("pool-dead-worker-as-timeout", "rewards/pool.py", 'Verdict(0.0, "error", None, "scoring worker died")',
+           'Verdict(0.0, "timeout", None, "scoring worker died")', (E2E["pool_dead_worker"],),
+           "a worker killed mid-item comes back as a timeout, not an error"),
+    Mutant("pool-dead-worker-not-replaced", "rewards/pool.py",
+           'results[item] = Verdict(0.0, "error", None, "scoring worker died")\n                    self._kill(i)',
+           'results[item] = Verdict(0.0, "error", None, "scoring worker died")', (E2E["pool_dead_worker"],),
+           "a worker that died is not replaced: the pool stops answering"),
     # ------------------------------------------------------------------------------- losses and estimators
     Mutant("losses-all-as-grpo", ALGOS, LOSS_TABLE,
            '"grpo": grpo_loss, "dr_grpo": grpo_loss, "dapo": grpo_loss, "gspo": grpo_loss,',
@@ -137,7 +151,8 @@ MUTANTS: list[Mutant] = [
     Mutant("dapo-sequence-mean", ALGOS, 'return x.token_mean(per_token), {"clip_frac"',
            'return x.sequence_mean(_masked_mean(per_token, x.mask, dim=1)), {"clip_frac"', (TOKEN_LOSSES,),
            "DAPO averages per sequence, not over the batch's tokens"),
-    Mutant("dr_grpo-token-mean", ALGOS, "loss = x.sequence_mean((per_token * x.mask).sum(1)) / (x.max_len if x.max_len is not None else x.mask.shape[1])",
+    Mutant("dr_grpo-token-mean", ALGOS, "loss = x.sequence_mean((per_token * x.mask).sum(1)) / "
+           "(x.max_len if x.max_len is not None else x.mask.shape[1])",
            "loss = x.token_mean(per_token)", (TOKEN_LOSSES,), "Dr. GRPO loses its constant normaliser"),
     Mutant("tis-uncapped", ALGOS, ".exp().clamp(max=cap).detach()", ".exp().detach()",
            (TOKEN_LOSSES, ALG + "test_tis_weight_is_capped_and_detached"), "the TIS weight has no cap"),
@@ -153,6 +168,12 @@ MUTANTS: list[Mutant] = [
            (ALG + "test_advantage_estimators_by_hand",), "Dr. GRPO's advantage divided by the std"),
     Mutant("adv-population-std", ALGOS, "r.std(1, keepdim=True)", "r.std(1, keepdim=True, unbiased=False)",
            (ALG + "test_advantage_estimators_by_hand",), "group std without Bessel's correction"),
+    # --------------------------------------------------------------------------------------- meta-critic
+    Mutant("meta-critic-one-biased-slice", "rewards/meta_critic.py",
+           'biased = sorted(name for name, s in slices.items() if s["verdict"] == "biased")',
+           'biased = sorted(name for name, s in slices.items() if s["verdict"] == "biased")[-1:]',
+           ("tests/rewards/test_critics.py::test_planted_length_bias_is_flagged_and_corrected",),
+           "the meta-critic reports only one of the planted critic's biased slices"),
     # -------------------------------------------------------------------------------- quantised training
     Mutant("fp8-forward-negated", QUANT, "return kernels.fp8_gemm(xq, xs, wq, ws, out_dtype=x2d.dtype)",
            "return -kernels.fp8_gemm(xq, xs, wq, ws, out_dtype=x2d.dtype)", (FP8_GEMM, FP8_MODEL, LOGITS),
@@ -262,6 +283,7 @@ class Outcome:
     seconds: float
     detail: str = ""
     per_test: dict[str, str] | None = None  # --each-test: each guarding test's own status
+    output: str = ""  # pytest's output, shown when the baseline fails
 
 
 def run_pytest(python: Path, repo_copy: Path, tests: list[str], timeout: float, tmp: Path) -> Outcome:
@@ -289,16 +311,16 @@ def run_pytest(python: Path, repo_copy: Path, tests: list[str], timeout: float, 
     tail = out.strip().splitlines()[-1] if out.strip() else ""
     counts = junit_counts(report)
     if proc.returncode == 1 and counts.get("failures", 0) > 0:
-        return Outcome("caught", seconds, tail)
+        return Outcome("caught", seconds, tail, output=out)
     if proc.returncode == 0:
         if counts and counts.get("skipped", 0) == counts.get("tests", 0):
-            return Outcome("skipped", seconds, tail)
-        return Outcome("missed", seconds, tail)
+            return Outcome("skipped", seconds, tail, output=out)
+        return Outcome("missed", seconds, tail, output=out)
     if proc.returncode == 2 or "found no collectors" in out or "ERROR collecting" in out:
-        return Outcome("collection error", seconds, tail)  # e.g. the mutant broke an import
+        return Outcome("collection error", seconds, tail, output=out)  # e.g. the mutant broke an import
     if proc.returncode == 5:
-        return Outcome("no tests", seconds, tail)
-    return Outcome("error", seconds, f"pytest exit {proc.returncode}: {tail}")
+        return Outcome("no tests", seconds, tail, output=out)
+    return Outcome("error", seconds, f"pytest exit {proc.returncode}: {tail}", output=out)
 
 
 def junit_counts(report: Path) -> dict[str, int]:
@@ -346,6 +368,26 @@ def check_snippets(mutants: list[Mutant], repo: Path) -> list[str]:
     return problems
 
 
+def enclosing(repo: Path, m: Mutant) -> str:
+    """`path::Class.function` holding the mutant's snippet (the innermost definitions around its first line), or
+    the module-level name assigned there."""
+    text = (repo / m.path).read_text()
+    line = text[:text.index(m.old)].count("\n") + 1
+    names: list[str] = []
+    nodes = ast.parse(text).body
+    while True:
+        inside = [n for n in nodes if n.lineno <= line <= (n.end_lineno or n.lineno)]
+        if inside and isinstance(inside[0], (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.append(inside[0].name)
+            nodes = inside[0].body
+            continue
+        if not names and inside and isinstance(inside[0], (ast.Assign, ast.AnnAssign)):  # a module-level table
+            target = inside[0].targets[0] if isinstance(inside[0], ast.Assign) else inside[0].target
+            names.append(ast.unparse(target))
+        break
+    return f"{m.path}::{'.'.join(names) or '(module level)'}"
+
+
 def run_each(python: Path, repo_copy: Path, tests: tuple[str, ...], timeout: float, tmp: Path) -> Outcome:
     """Every guarding test on its own: the row is caught when one of them fails; each one's status is kept."""
     outcomes = {t: run_pytest(python, repo_copy, [t], timeout, tmp) for t in tests}
@@ -355,12 +397,12 @@ def run_each(python: Path, repo_copy: Path, tests: tuple[str, ...], timeout: flo
                    {t: o.status for t, o in outcomes.items()})
 
 
-def table(rows: list[tuple[Mutant, Outcome]]) -> str:
-    lines = ["| mutation | guarding tests | result | seconds |", "|---|---|---|---|"]
+def table(rows: list[tuple[Mutant, Outcome]], repo: Path) -> str:
+    lines = ["| mutation | changes | guarding tests | result | seconds |", "|---|---|---|---|---|"]
     for m, o in rows:
         tests = "<br>".join(f"`{t}`" + (f" ({o.per_test[t]})" if o.per_test else "") for t in m.tests)
         why = m.why.replace("|", "\\|")
-        lines.append(f"| `{m.name}`: {why} | {tests} | {o.status} | {o.seconds:.0f} |")
+        lines.append(f"| `{m.name}`: {why} | `{enclosing(repo, m)}` | {tests} | {o.status} | {o.seconds:.0f} |")
     return "\n".join(lines)
 
 
@@ -376,8 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     mutants = select(args.only)
     if args.list:
         for m in mutants:
-            print(f"{m.name}\n    {m.path}: {m.why}\n" + "".join(f"    {t}\n" for t in m.tests), end="")
+            print(f"{m.name}\n    {enclosing(REPO, m)}: {m.why}\n" + "".join(f"    {t}\n" for t in m.tests), end="")
         return 0
+    t_start = time.perf_counter()
     problems = check_snippets(mutants, REPO)
     if problems:
         print("mutants: stale mutant list:\n  " + "\n  ".join(problems), file=sys.stderr)
@@ -400,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"baseline (unmutated): {base_run.status.replace('missed', 'all pass')} "
                   f"in {base_run.seconds:.0f}s: {base_run.detail}", flush=True)
             if base_run.status != "missed":
+                print("\n".join(base_run.output.splitlines()[-60:]), file=sys.stderr)
                 print("mutants: the guarding tests do not all pass on the unmutated code", file=sys.stderr)
                 return 2
         rows = []
@@ -412,9 +456,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((m, outcome))
             print(f"{m.name}: {outcome.status} ({outcome.seconds:.0f}s) {outcome.detail}", flush=True)
     print()
-    print(table(rows))
+    print(table(rows, REPO))
     caught = sum(o.status == "caught" for _, o in rows)
-    print(f"\n{caught}/{len(rows)} caught")
+    print(f"\n{caught}/{len(rows)} caught in {time.perf_counter() - t_start:.0f}s")
     return 0 if caught == len(rows) else 1
 
 

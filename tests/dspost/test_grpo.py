@@ -51,11 +51,12 @@ def policy():
 
 @pytest.fixture(scope="module")
 def uninterrupted(cluster, policy, tmp_path_factory):
-    """Three GRPO steps in one run: what a run cut after two steps and resumed must repeat."""
+    """Three GRPO steps in one run: what a run cut after two steps and resumed must repeat. Its exit code is
+    checked in the test, so that a broken run is a failing test, not an error in a fixture."""
     out = tmp_path_factory.mktemp("grpo") / "full"
-    assert main(["run", "recipes/grpo_math.yaml", f"model.path={policy}", f"output_dir={out}", *SMALL,
-                 "--max-steps", "3"]) == 0
-    return out
+    code = main(["run", "recipes/grpo_math.yaml", f"model.path={policy}", f"output_dir={out}", *SMALL,
+                 "--max-steps", "3"])
+    return out, code
 
 
 def weights(path):
@@ -66,6 +67,8 @@ def weights(path):
 
 def test_grpo_moves_the_weights_the_engine_serves_them_and_resume_repeats_the_run(cluster, policy, uninterrupted,
                                                                                    tmp_path):
+    full_run, code = uninterrupted
+    assert code == 0
     out = tmp_path / "run"
     args = ["run", "recipes/grpo_math.yaml", f"model.path={policy}", f"output_dir={out}", *SMALL]
     assert main([*args, "--max-steps", "2"]) == 0
@@ -85,7 +88,7 @@ def test_grpo_moves_the_weights_the_engine_serves_them_and_resume_repeats_the_ru
     assert rollout_node != trainer_node  # placed on different nodes
 
     assert main([*args, "--max-steps", "3", "resume=true"]) == 0
-    rows, full = read_metrics(out), read_metrics(uninterrupted)
+    rows, full = read_metrics(out), read_metrics(full_run)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]  # no step lost or repeated
     cfg = json.loads((out / "checkpoints" / "step_3" / "config.json").read_text())
     assert cfg["architectures"] == ["DeepseekV3ForCausalLM"]
@@ -101,7 +104,7 @@ def test_grpo_moves_the_weights_the_engine_serves_them_and_resume_repeats_the_ru
     for key in ("reward/mean", "reward/std", "response/length_mean", "train/loss", "train/grad_norm",
                 "sync/parity_max_abs", "sync/policy_change_max", "eval/accuracy"):
         assert [r.get(key) for r in rows] == pytest.approx([r.get(key) for r in full], abs=1e-6), key
-    same = weights(uninterrupted / "checkpoints" / "step_3")
+    same = weights(full_run / "checkpoints" / "step_3")
     assert max(float((end[k] - same[k]).abs().max()) for k in end) < 1e-6
 
 

@@ -52,7 +52,8 @@ def test_planted_length_bias_is_flagged_and_corrected(reference):
         report = assess(planted, reference)
         assert report["flagged"]
         assert report["length_bias"]["verdict"] == "prefers longer"
-        assert "concise-correct vs verbose-wrong" in report["biased_slices"]
+        # README: "flagged on two slices": the two where the gold answer is the shorter one
+        assert report["biased_slices"] == ["concise-correct vs verbose-correct", "concise-correct vs verbose-wrong"]
         assert report["slices"]["verbose-correct vs concise-wrong"]["verdict"] == "trusted"
 
         corrected = apply_policy("correct", planted, report, reference).critic
