@@ -78,6 +78,7 @@ class RLSession:
     start: int  # the first step to run (after the resumed checkpoint's)
     final: Path | None = None  # the newest checkpoint
     parity: dict[str, float] = field(default_factory=dict)
+    model_path: Path | None = None  # the checkpoint the stage started from (under LoRA: the frozen base)
 
     def steps(self) -> range:
         return range(self.start, self.recipe.trainer.max_steps)
@@ -145,6 +146,17 @@ class RLSession:
         if progress is not None:
             progress(n, t.max_steps, metrics)
 
+    def output(self) -> Path | None:
+        """The stage's output: its newest checkpoint, or under LoRA, whose checkpoints hold adapters, that adapter
+        merged into the base (`merged/`, as SFT LoRA writes), a full checkpoint later stages and vLLM load."""
+        if self.recipe.trainer.lora is None or self.final is None:
+            return self.final
+        from dspost.lora import merge_lora
+
+        merged = merge_lora(self.final, self.run.root / "merged", base=self.model_path)
+        self.run.log.info("merged the LoRA adapter of %s into %s", self.final, merged)
+        return merged
+
     def save(self, step: int) -> Path:
         path = self.run.checkpoint_path(step)
         actor_get(self.trainers[0].save.remote(str(path), step))
@@ -163,7 +175,8 @@ def rl_session(recipe: GRPORecipe, run: RunDir, model_path: Path) -> Iterator[RL
             running.callback(ray.shutdown)
         resume_from = run.resume_from
         start = int(resume_from.name.split("_")[1]) if resume_from else 0
-        pool, trainers = start_pools(recipe, str(resume_from or model_path), str(model_path),
+        lora = recipe.trainer.lora is not None  # LoRA checkpoints hold adapters: the engines serve the frozen base
+        pool, trainers = start_pools(recipe, str(model_path if lora else resume_from or model_path), str(model_path),
                                      str(resume_from) if resume_from else None, running)
         run.log.info("placement: %s", placement(pool, trainers))
         tok = pool_tokenizer(model_path)
@@ -182,8 +195,10 @@ def rl_session(recipe: GRPORecipe, run: RunDir, model_path: Path) -> Iterator[RL
         for term in terms:
             running.callback(term.close)
         run.resumed(resume_from, start)
-        rl = RLSession(recipe, run, pool, trainers, terms, train, held_out, ParityProbe(probe, recipe.sync.parity_threshold),
-                       start, resume_from)
+        rl = RLSession(recipe, run, pool, trainers, terms, train, held_out,
+                       ParityProbe(probe, recipe.sync.parity_threshold), start, resume_from, model_path=model_path)
+        if lora and resume_from:  # the resumed adapters' merged tensors turn the served base into the resumed policy
+            actor_get(trainers[0].publish_weights.remote(start))
         rl.parity = rl.prober.check(pool, trainers[0])
         if start == 0:
             run.log_metrics(0, {**rl.evaluate(0), **rl.parity})

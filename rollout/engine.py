@@ -32,6 +32,12 @@ class SamplingConfig:
     stop: list[str] = field(default_factory=list)
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class VLLMEngine:
     """vLLM's `LLM` in this process (so weight updates reach it by reference), with the sync extension."""
 
@@ -59,6 +65,9 @@ class VLLMEngine:
                        # A sampled token's logprob under the distribution it was drawn from (after temperature
                        # and top-p), which the trainer's importance ratios compare against.
                        logprobs_mode="processed_logprobs",
+                       # On a CPU with AMX, vLLM picks its AMX MLA backend, which refuses fp32 weights ("expect
+                       # weight to be bfloat16, ...") and packs them in a layout our weight sync does not write.
+                       **({} if _has_cuda() else {"attention_config": {"backend": "CPU_MLA"}}),
                        # GPU pools receive weights over NCCL through vLLM's weight-transfer engine.
                        **({"weight_transfer_config": {"backend": weight_transfer}} if weight_transfer else {}))
         # vLLM's CPU backend cannot return routed experts (needs Model Runner V2, which needs Triton).
