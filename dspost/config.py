@@ -231,7 +231,9 @@ class TrainerSection(Section):
     """Seed for initialisation and sampling, in [0, 2**32) (vLLM seeds NumPy with it); a CPU run with the same seed
     repeats exactly."""
     lora: LoraSection | None = None
-    """Train LoRA adapters (PEFT format) instead of all parameters."""
+    """Train LoRA adapters (PEFT format) instead of all parameters; the base, router biases included, stays frozen.
+    Checkpoints hold the adapters and the stage ends with a merged full checkpoint (`merged/`). In RL each sync
+    sends the engines only the merged adapted tensors (and their fused partners), a few MB instead of the model."""
 
     def check_batch_divides(self) -> None:
         """SFT and reward-model stages split `batch_size` over workers and accumulation steps."""
@@ -494,8 +496,6 @@ class GRPORecipe(StageBase):
 
     @model_validator(mode="after")
     def _batch_is_the_rollout(self) -> "GRPORecipe":
-        if self.trainer.lora is not None:
-            raise ValueError("trainer.lora: LoRA RL is not implemented yet; train LoRA adapters with kind: sft")
         if "batch_size" in self.trainer.model_fields_set:
             raise ValueError("trainer.batch_size: an RL step trains on its rollout, rollout.prompts_per_step x "
                              "rollout.n sequences; set those instead")
@@ -506,6 +506,11 @@ class GRPORecipe(StageBase):
         if self.trainer.quantization != "none":
             raise ValueError("trainer.quantization: low-precision RL training needs an engine serving the same "
                              "FP8/FP4 weights, and vLLM cannot serve FP8 on CPU; use it in sft or rm stages")
+        if self.sync.quantize != "none" and self.trainer.lora is not None:
+            raise ValueError("sync.quantize: LoRA syncs (the merged adapted tensors only) are implemented for "
+                             "unquantised engines; a partial FP8 update of those tensors and their block scales "
+                             "through vLLM's reload_weights is untested (no GPU vLLM here); use sync.quantize=none "
+                             "with trainer.lora")
         if self.sync.quantize != "none" and self.rollout.num_gpus_per_worker == 0:
             raise ValueError("sync.quantize: vLLM serves FP8 only on GPU rollout workers (its CPU FP8 kernels need "
                              "AMX); set rollout.num_gpus_per_worker or sync.quantize=none")

@@ -43,4 +43,4 @@ def run_grpo(recipe: GRPORecipe, run: RunDir, model_path: Path, progress=None) -
                             "perf/train_tokens_per_s": metrics.get("train/tokens", 0) / times["time/update"],
                             "data/kept_fraction": float(keep.float().mean())})
             rl.end_step(step, metrics, times, progress)
-        return rl.final
+        return rl.output()

@@ -104,3 +104,56 @@ def is_ours(model) -> bool:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return isinstance(base, DeepseekV3)
+
+
+def adapted_tensors(model) -> list:
+    """What a weight sync of a LoRA policy sends the rollout engines, (HF name, tensor) pairs: W + scale * B @ A
+    for every adapted module, computed aside (the trained weights and adapters are not touched), plus the unadapted
+    partners the engine fuses with an adapted projection (`q_a_proj` + `kv_a_proj_with_mqa`, `gate_proj` +
+    `up_proj`: vLLM packs the pair into one matrix and keeps no unpacked copy, so they travel together), each
+    fused group back to back in shard order. The base is frozen, so an engine started from the base checkpoint
+    and sent these serves the adapted policy exactly: the rest of its weights never change.
+
+    Why merged tensors and not vLLM's own LoRA path: `DeepseekV3ForCausalLM` declares `SupportsLoRA`, but on
+    vLLM 0.32's CPU backend (tiny-math, float32 and bfloat16, 2026-12-02) an `enable_lora=True` engine dies in
+    its first forward: with LoRA on, the routed experts take the Triton MoE backend, which has no CPU build
+    ("module 'triton.language' has no attribute 'float32'"). Where it does serve, vLLM runs LoRA engines
+    uncompiled (`platforms/cpu.py` sets CompilationMode.NONE), whose logprobs drift from the trainer's by up to
+    0.14 nats instead of ~1e-6 (see `sync.parity_threshold`), and each decode step pays the adapter matmuls.
+    Merged tensors keep the compiled engine, its parity and its speed. With the default adapters (r=16 on the
+    five MLA projections) a sync sends 6.0 MiB (20 tensors) of tiny-math's 19.7 MiB main stack; the MLA
+    projections are 1.7% of DeepSeek-V3's 671B parameters. Sending A and B alone (0.7 MiB here) would need the
+    engine to keep an unpacked copy of each base weight to merge into, which its oneDNN handles do not
+    (BENCHMARKS.md, "LoRA GRPO")."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    from dspost.rollout.vllm_ext import fused_group
+
+    base = model.get_base_model()
+    merged_weights: dict[str, torch.Tensor] = {}
+    groups: list[str] = []  # module paths to send, fused partners adjacent
+    with torch.no_grad():
+        for path, m in base.named_modules():
+            if not isinstance(m, LoraLayer):
+                continue
+            if m.merged:
+                raise RuntimeError(f"{path}: the adapter is merged into the base weight; unmerge before a sync")
+            w = m.get_base_layer().weight
+            delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.scaling)
+            merged_weights[path] = (w + delta).to(w.dtype)
+            prefix, _, proj = path.rpartition(".")
+            for partner in fused_group(proj):
+                p = f"{prefix}.{partner}" if prefix else partner
+                if p not in groups and _has_module(base, p):
+                    groups.append(p)
+    return [(f"{p}.weight", merged_weights[p] if p in merged_weights else base.get_submodule(p).weight.detach())
+            for p in groups]
+
+
+def _has_module(model, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False

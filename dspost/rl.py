@@ -78,6 +78,7 @@ class RLSession:
     start: int  # the first step to run (after the resumed checkpoint's)
     final: Path | None = None  # the newest checkpoint
     parity: dict[str, float] = field(default_factory=dict)
+    model_path: Path | None = None  # the checkpoint the stage started from (under LoRA: the frozen base)
     running: contextlib.ExitStack | None = None  # what the session stops when it ends (a stage adds its own actors)
 
     def steps(self) -> range:
@@ -114,13 +115,7 @@ class RLSession:
                                                  [samples[i].logprobs for i in sh], [float(advantages[i]) for i in sh],
                                                  **{k: [v[i] for i in sh] for k, v in per_sample.items()}), step + 1)
                 for w, sh in zip(self.trainers, shards)]
-<<<<<<< HEAD
         return combine_ranks(actor_get(refs))
-=======
-        results = actor_get(refs)
-        # Each rank trains on its shard: token counts add up over the ranks, the other metrics are averaged.
-        return {k: sum(m[k] for m in results) / (1 if k == "train/tokens" else len(results)) for k in results[0]}
->>>>>>> pipeline
 
     def sync(self, step: int) -> dict[str, float]:
         """The trainer's weights into every engine, then (every `sync.parity_every` syncs) the parity probe."""
@@ -151,6 +146,17 @@ class RLSession:
         if progress is not None:
             progress(n, t.max_steps, metrics)
 
+    def output(self) -> Path | None:
+        """The stage's output: its newest checkpoint, or under LoRA, whose checkpoints hold adapters, that adapter
+        merged into the base (`merged/`, as SFT LoRA writes), a full checkpoint later stages and vLLM load."""
+        if self.recipe.trainer.lora is None or self.final is None:
+            return self.final
+        from dspost.lora import merge_lora
+
+        merged = merge_lora(self.final, self.run.root / "merged", base=self.model_path)
+        self.run.log.info("merged the LoRA adapter of %s into %s", self.final, merged)
+        return merged
+
     def save(self, step: int) -> Path:
         path = self.run.checkpoint_path(step)
         actor_get(self.trainers[0].save.remote(str(path), step))
@@ -169,7 +175,8 @@ def rl_session(recipe: GRPORecipe | OPDRecipe, run: RunDir, model_path: Path) ->
             running.callback(ray.shutdown)
         resume_from = run.resume_from
         start = int(resume_from.name.split("_")[1]) if resume_from else 0
-        pool, trainers = start_pools(recipe, str(resume_from or model_path), str(model_path),
+        lora = recipe.trainer.lora is not None  # LoRA checkpoints hold adapters: the engines serve the frozen base
+        pool, trainers = start_pools(recipe, str(model_path if lora else resume_from or model_path), str(model_path),
                                      str(resume_from) if resume_from else None, running)
         run.log.info("placement: %s", placement(pool, trainers))
         tok = pool_tokenizer(model_path)
@@ -188,8 +195,11 @@ def rl_session(recipe: GRPORecipe | OPDRecipe, run: RunDir, model_path: Path) ->
         for term in terms:
             running.callback(term.close)
         run.resumed(resume_from, start)
-        rl = RLSession(recipe, run, pool, trainers, terms, train, held_out, ParityProbe(probe, recipe.sync.parity_threshold),
-                       start, resume_from, running=running)
+        rl = RLSession(recipe, run, pool, trainers, terms, train, held_out,
+                       ParityProbe(probe, recipe.sync.parity_threshold), start, resume_from, model_path=model_path,
+                       running=running)
+        if lora and resume_from:  # the resumed adapters' merged tensors turn the served base into the resumed policy
+            actor_get(trainers[0].publish_weights.remote(start))
         rl.parity = rl.prober.check(pool, trainers[0])
         if start == 0:
             run.log_metrics(0, {**rl.evaluate(0), **rl.parity})

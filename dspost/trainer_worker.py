@@ -13,6 +13,7 @@ from dspost.algorithms import LossInputs, policy_loss
 from dspost.config import GRPORecipe, OPDRecipe
 from dspost.data.packing import first_fit_decreasing
 from dspost.distributed import all_reduce_sum, init_group
+from dspost.lora import adapted_tensors, add_adapters, is_adapted, load_adapters
 from dspost.training import Optimizer, check_finite, compile_if_asked, device, save_training_checkpoint, torch_dtype
 
 
@@ -147,11 +148,16 @@ class TrainerWorker:
         torch.manual_seed(t.seed + rank)
         init_group(rank, world, dist_url)
         self.device = device()
-        self.model = from_pretrained(resume_from or model_path, dtype=torch_dtype(m)).to(self.device).train()
+        # Under LoRA the base stays the start checkpoint and a checkpoint holds the adapters (PEFT format).
+        self.model = from_pretrained(model_path if t.lora else (resume_from or model_path), dtype=torch_dtype(m))
         if self.device.type == "cuda":  # one-launch Triton grouped GEMM for the routed experts
             from dspost.model.quant import use_grouped_gemm
 
             use_grouped_gemm(self.model)
+        if t.lora is not None:
+            self.model = load_adapters(self.model, resume_from) if resume_from else add_adapters(self.model, t.lora,
+                                                                                                model_path)
+        self.model = self.model.to(self.device).train()
         compile_if_asked(self.model, t)
         self.tokenizer = load_tokenizer(model_path)
         self.ref = (from_pretrained(model_path, dtype=torch_dtype(m)).to(self.device).eval()
@@ -159,8 +165,9 @@ class TrainerWorker:
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
         self.transport = None  # set by connect_weight_transfer
         # The schedule follows optimizer steps: `algorithm.minibatches` of them per rollout batch.
+        # Under LoRA the router biases are part of the frozen base: no bias updates.
         self.optimizer = Optimizer(self.model, t, t.max_steps * recipe.algorithm.minibatches, world, self.model,
-                                   m.bias_update_speed)
+                                   0.0 if t.lora else m.bias_update_speed)
         self.optimizer.resume(Path(resume_from) if resume_from else None)
 
     def ready(self) -> int:
@@ -272,9 +279,13 @@ class TrainerWorker:
         self.transport.rejoin(index, worker)
 
     def _checkpoint_tensors(self):
+        """What a sync sends: every tensor vLLM serves, or under LoRA the merged adapted ones only (`adapted_tensors`:
+        the engines serve the frozen base, so those are all that differ)."""
         from dspost.model import hf_tensors
         from dspost.model.checkpoint import quantize_named
 
+        if is_adapted(self.model):
+            return adapted_tensors(self.model)
         named = hf_tensors(self.model, include_mtp=False)  # vLLM serves no MTP layers here
         quantize = self.recipe.sync.quantize
         return quantize_named(named, quantize) if quantize != "none" else named

@@ -208,7 +208,8 @@ class ObjectStoreTransport:
         import ray
 
         t = time.perf_counter()
-        local = self.segment.write(list(named))
+        named = list(named)
+        local = self.segment.write(named)
         remote = None
         if any(n != self.node for n in self.nodes):
             remote = StoreBuckets([ray.put(b) for b in make_buckets(local.open({}, self.node), self.bucket_bytes,
@@ -222,7 +223,9 @@ class ObjectStoreTransport:
                 load = max(load, ray.get(done))
             except ray.exceptions.RayActorError:
                 missed.append(i)
-        return PushStats(local.size, time.perf_counter() - t, len(local.layout), load, tuple(missed))
+        # the bytes of this push (the file may be larger: it keeps the size of the largest push so far)
+        nbytes = sum(x.numel() * x.element_size() for _, x in named)
+        return PushStats(nbytes, time.perf_counter() - t, len(local.layout), load, tuple(missed))
 
     def rejoin(self, index: int, worker) -> None:
         import ray

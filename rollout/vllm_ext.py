@@ -36,6 +36,15 @@ _FUSED = {"q_a_proj": ("fused_qkv_a_proj", 0), "kv_a_proj_with_mqa": ("fused_qkv
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
+def fused_group(proj: str) -> list[str]:
+    """The checkpoint projections the engine fuses with `proj` into one parameter, in shard order (`proj`
+    alone when it is not fused): a partial update must send them together."""
+    if proj not in _FUSED:
+        return [proj]
+    fused = _FUSED[proj][0]
+    return sorted((p for p, (f, _) in _FUSED.items() if f == fused), key=lambda p: _FUSED[p][1])
+
+
 class WeightSyncExtension:
     @torch.no_grad()
     def dspost_update_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:

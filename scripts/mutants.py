@@ -71,6 +71,8 @@ E2E = {
 }
 # ================================================================================================================
 
+LORA_SYNC = "tests/dspost/test_lora_rl.py::test_a_lora_sync_sends_the_merged_adapted_tensors_and_their_fused_partners"
+LORA_E2E = "tests/dspost/test_lora_rl.py::test_lora_grpo_syncs_the_adapted_tensors_and_resume_repeats_the_run"
 ALG = "tests/dspost/test_algorithms.py::"
 TOKEN_LOSSES = ALG + "test_token_ratio_losses_match_their_papers_in_value_and_gradient"
 GSPO = ALG + "test_gspo_sequence_ratio_and_clipping_match_the_paper"
@@ -102,6 +104,21 @@ MUTANTS: list[Mutant] = [
     Mutant("restarted-worker-skips-reload", "rollout/pool.py",
            "            self.rejoin(i, self.workers[i])", "            pass",
            (E2E["restart_reloads"],), "a restarted rollout worker serves its start-up weights"),
+    # ---------------------------------------------------------------- LoRA GRPO (tests/dspost/test_lora_rl.py)
+    Mutant("lora-sync-skips-fused-partners", "dspost/lora.py", "for partner in fused_group(proj):",
+           "for partner in [proj]:", (LORA_SYNC, LORA_E2E),
+           "a LoRA sync leaves out the unadapted half of a pair the engine fuses (q_a/kv_a, gate/up)"),
+    Mutant("lora-sync-sends-base-weights", "dspost/lora.py", "merged_weights[path] = (w + delta).to(w.dtype)",
+           "merged_weights[path] = w", (LORA_SYNC, LORA_E2E), "a LoRA sync sends the adapted modules without the adapter"),
+    Mutant("lora-sync-sends-nothing", "dspost/trainer_worker.py", "return adapted_tensors(self.model)", "return []",
+           (LORA_E2E,), "a LoRA sync pushes no tensor"),
+    Mutant("lora-resume-fresh-adapters", "dspost/trainer_worker.py",
+           "load_adapters(self.model, resume_from) if resume_from else add_adapters(",
+           "add_adapters(", (LORA_E2E,), "a resumed LoRA trainer starts from fresh adapters"),
+    Mutant("lora-resume-engine-serves-base", "dspost/rl.py", "if lora and resume_from:", "if False:",
+           (LORA_E2E,), "after a LoRA resume the engines serve the base, not the resumed adapters"),
+    Mutant("lora-router-biases-move", "dspost/trainer_worker.py", "0.0 if t.lora else m.bias_update_speed",
+           "m.bias_update_speed", (LORA_E2E,), "LoRA RL updates the frozen base's router biases"),
     # ------------------------------------------------------------------------------------------ scoring pool
     Mutant("pool-timeout-as-error", "rewards/pool.py", 'Verdict(0.0, "timeout", None,', 'Verdict(0.0, "error", None,',
            (E2E["pool_timeout"],), "scoring-pool timeouts relabelled error"),

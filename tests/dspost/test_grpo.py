@@ -22,34 +22,6 @@ SMALL = ["data.num_train=64", "data.num_eval=8", "data.difficulty=[1]", "rollout
 
 
 @pytest.fixture(scope="module")
-def cluster(monkeypatch_module):
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"rollout_node": 1}})
-    c.add_node(num_cpus=1, resources={"trainer_node": 1})
-    ray.init(address=c.address)
-    monkeypatch_module.setenv("RAY_ADDRESS", c.address)
-    yield c
-    ray.shutdown()
-    c.shutdown()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def policy():
-    from dspost.starting_point import tiny_math_init
-
-    return tiny_math_init()
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(cluster, policy, tmp_path_factory):
     """Three GRPO steps in one run: what a run cut after two steps and resumed must repeat. Its exit code is
     checked in the test, so that a broken run is a failing test, not an error in a fixture."""
