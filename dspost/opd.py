@@ -56,7 +56,7 @@ def run_opd(recipe: OPDRecipe, run: RunDir, model_path: Path, progress=None) -> 
                             "perf/teacher_tokens_per_s": generated / times["time/teacher"],
                             "perf/train_tokens_per_s": metrics.get("train/tokens", 0) / times["time/update"]})
             rl.end_step(step, metrics, times, progress)
-        return rl.final
+        return rl.output()
 
 
 def start_teachers(recipe: OPDRecipe, rl: RLSession, student: Path) -> TeacherPool:
