@@ -1,6 +1,6 @@
 """On-policy distillation end to end with real vLLM engines and Ray: two domains, each sample scored by its own
 domain's teacher at the rollout temperature, the student's weights synced into the engine under the parity probe,
-per-domain evaluation, and a resumed run that loses and repeats no step."""
+and per-domain evaluation. (Resuming is the RL session's, tested with GRPO; the pipeline test runs an OPD stage too.)"""
 
 import pytest
 
@@ -44,7 +44,7 @@ def recipe(tmp_path_factory):
     return path, student
 
 
-def test_opd_distills_each_domain_from_its_teacher_and_resumes(recipe, tmp_path):
+def test_opd_distills_each_domain_from_its_own_teacher(recipe, tmp_path):
     path, student = recipe
     out = tmp_path / "run"
     args = ["run", str(path), f"model.path={student}", f"output_dir={out}"]
@@ -66,7 +66,3 @@ def test_opd_distills_each_domain_from_its_teacher_and_resumes(recipe, tmp_path)
     for r in rows[1:]:
         assert r["sync/policy_change_max"] > 1e-3 > 10 * r["sync/parity_max_abs"], r
     assert rows[2]["opd/math/reverse_kl"] > first["opd/math/reverse_kl"]  # the student left the math teacher
-
-    assert main([*args, "--max-steps", "3", "resume=true"]) == 0
-    assert [r["step"] for r in read_metrics(out)] == [0, 1, 2, 3]
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step_3"

@@ -27,6 +27,14 @@ GRPO = {"kind": "grpo", "name": "grpo_math", "model": {"from_stage": "sft", "bia
         "trainer": {"max_steps": 2, "eval_every": 2, "save_every": 2, "lr": 1e-3, "num_cpus_per_worker": 1},
         "rollout": {"prompts_per_step": 4, "n": 2, "max_tokens": 16, "kv_cache_gb": 1, "num_cpus_per_worker": 1,
                     "enforce_eager": True}}
+# The student distils the specialist into the SFT checkpoint (the report compares it with the specialist).
+OPD = {"kind": "opd", "name": "student", "model": {"from_stage": "sft", "bias_update_speed": 0.0},
+       "data": {"sources": [MATH]}, "sync": {"parity_threshold": 0.5},
+       "teachers": [{"from_stage": "grpo_math", "domains": ["math"]}],
+       "rewards": {"terms": [{"name": "math", "weight": 0}]},
+       "trainer": {"max_steps": 2, "eval_every": 2, "save_every": 2, "lr": 1e-3, "num_cpus_per_worker": 1},
+       "rollout": {"prompts_per_step": 4, "n": 2, "max_tokens": 16, "kv_cache_gb": 1, "num_cpus_per_worker": 1,
+                   "enforce_eager": True}}
 EVALUATE = {"kind": "evaluate", "name": "report", "data": {"sources": [{**MATH, "num_train": 1}]},
             "parity_threshold": 0.5,
             "rollout": {"max_tokens": 16, "kv_cache_gb": 1, "num_cpus_per_worker": 1, "enforce_eager": True}}
@@ -43,7 +51,8 @@ def record(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """SFT (2 steps, tiny-dense from random init) -> GRPO (2 steps) -> evaluate, run once on a local Ray cluster."""
+    """SFT (2 steps, tiny-dense from random init) -> GRPO (2 steps) -> OPD of the GRPO stage into the SFT checkpoint
+    (2 steps) -> evaluate, run once on a local Ray cluster."""
     pytest.importorskip("vllm")
     ray = pytest.importorskip("ray")
     mp = pytest.MonkeyPatch()
@@ -51,7 +60,7 @@ def finished(tmp_path_factory):
         mp.setenv("DSPOST_CACHE", str(tmp_path_factory.getbasetemp() / "dspost-cache"))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # shared by the stages
     root = tmp_path_factory.mktemp("pipeline")
-    recipe = write_pipeline(root / "v.yaml", SFT, GRPO, EVALUATE, output_dir=str(root / "out"))
+    recipe = write_pipeline(root / "v.yaml", SFT, GRPO, OPD, EVALUATE, output_dir=str(root / "out"))
     t = time.perf_counter()
     assert main(["run", str(recipe)]) == 0
     print(f"pipeline: {time.perf_counter() - t:.0f} s")
@@ -65,24 +74,30 @@ def test_the_pipeline_runs_end_to_end_and_writes_its_report(finished):
     _, out = finished
     report = json.loads((out / "pipeline_report.json").read_text())
     rows = {r["name"]: r for r in report["stages"]}
-    assert list(rows) == ["start", "sft", "grpo_math"]
+    assert list(rows) == ["start", "sft", "grpo_math", "student"]
     for r in report["stages"]:
         assert {"name", "kind", "checkpoint", "eval", "trainer_tokens", "seconds"} <= set(r)
         assert 0.0 <= r["eval"]["math"] <= 1.0 and Path(r["checkpoint"], "config.json").is_file()
     assert rows["start"]["kind"] == "start" and Path(rows["start"]["checkpoint"]).name.startswith("tiny-dense-init")
     assert rows["sft"]["checkpoint"] == str(out / "sft" / "checkpoints" / "step_2")
     assert rows["grpo_math"]["checkpoint"] == str(out / "grpo_math" / "checkpoints" / "step_2")
-    assert rows["sft"]["started_from"] == "start" and rows["grpo_math"]["started_from"] == "sft"
-    for name in ("sft", "grpo_math"):  # compute: the sum of the stage's own train/tokens, its recorded wall time
+    assert rows["sft"]["started_from"] == "start"
+    assert rows["grpo_math"]["started_from"] == rows["student"]["started_from"] == "sft"
+    for name in ("sft", "grpo_math", "student"):  # compute: the sum of the stage's own train/tokens, its recorded wall time
         assert rows[name]["trainer_tokens"] == sum(m.get("train/tokens", 0) for m in read_metrics(out / name)) > 0
         assert rows[name]["seconds"] == pytest.approx(record(out / name)["seconds"], abs=0.1)
         assert rows[name]["seconds"] > 1
-    assert report["summary"]["specialists"] == {"math": "grpo_math"} and report["summary"]["compared"] == []
+    assert report["summary"]["specialists"] == {"math": "grpo_math"}
+    [student] = report["summary"]["compared"]  # the OPD student against the specialist, on gain and compute
+    assert student["name"] == "student" and set(student["gain_kept"]) == {"math"}
+    tokens = student["compute_vs_specialists"]["trainer_tokens"]
+    assert tokens == pytest.approx(rows["student"]["trainer_tokens"] / rows["grpo_math"]["trainer_tokens"])
+    assert "opd/math/reverse_kl" in read_metrics(out / "student")[1]
     # One engine served the three checkpoints (same architecture and tokenizer): the weights of the second and third
     # were pushed into it, and the engine then gave our model's logprobs on them.
     evaluation = json.loads((out / "report" / "evaluation.json").read_text())["rows"]
-    assert [evaluation[r]["engine"] for r in rows] == ["started", "pushed", "pushed"]
-    for r in ("sft", "grpo_math"):  # the push moved the engine to the checkpoint: far more than engine and ours differ
+    assert [evaluation[r]["engine"] for r in rows] == ["started", "pushed", "pushed", "pushed"]
+    for r in ("sft", "grpo_math", "student"):  # the push moved the engine to the checkpoint: far more than engine and ours differ
         assert evaluation[r]["change_max_abs"] > 10 * evaluation[r]["parity_max_abs"], evaluation[r]
     md = (out / "pipeline_report.md").read_text()
     assert "| grpo_math | grpo |" in md and "Specialists: math: grpo_math" in md
@@ -91,7 +106,7 @@ def test_the_pipeline_runs_end_to_end_and_writes_its_report(finished):
 @pytest.mark.vllm
 def test_resume_on_a_finished_pipeline_skips_every_stage(finished, capsys):
     recipe, out = finished
-    watched = [out / s / f for s in ("sft", "grpo_math", "report") for f in ("stage.json", "metrics.jsonl",
+    watched = [out / s / f for s in ("sft", "grpo_math", "student", "report") for f in ("stage.json", "metrics.jsonl",
                                                                               "evaluation.json")
                if (out / s / f).exists()] + [out / "pipeline_report.json"]
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in watched}
@@ -100,7 +115,7 @@ def test_resume_on_a_finished_pipeline_skips_every_stage(finished, capsys):
     assert main(["run", str(recipe), "resume=true"]) == 0
     seconds = time.perf_counter() - t
     printed = capsys.readouterr().out
-    for stage in ("sft", "grpo_math", "report"):
+    for stage in ("sft", "grpo_math", "student", "report"):
         assert f"{stage}: finished in an earlier run" in printed, printed
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in watched} == before  # nothing ran, nothing rewritten
     assert seconds < 20, seconds  # no engine, actor or trainer started (a GRPO stage alone starts in ~60 s)
