@@ -91,7 +91,7 @@ def test_the_pipeline_runs_end_to_end_and_writes_its_report(finished):
     [student] = report["summary"]["compared"]  # the OPD student against the specialist, on gain and compute
     assert student["name"] == "student" and set(student["gain_kept"]) == {"math"}
     tokens = student["compute_vs_specialists"]["trainer_tokens"]
-    assert tokens == pytest.approx(rows["student"]["trainer_tokens"] / rows["grpo_math"]["trainer_tokens"])
+    assert tokens == pytest.approx(rows["student"]["trainer_tokens"] / rows["grpo_math"]["trainer_tokens"], abs=1e-4)
     assert "opd/math/reverse_kl" in read_metrics(out / "student")[1]
     # One engine served the three checkpoints (same architecture and tokenizer): the weights of the second and third
     # were pushed into it, and the engine then gave our model's logprobs on them.
