@@ -86,7 +86,7 @@ def test_the_pipeline_runs_end_to_end_and_writes_its_report(finished):
     for name in ("sft", "grpo_math", "student"):  # compute: the sum of the stage's own train/tokens, its recorded wall time
         assert rows[name]["trainer_tokens"] == sum(m.get("train/tokens", 0) for m in read_metrics(out / name)) > 0
         assert rows[name]["seconds"] == pytest.approx(record(out / name)["seconds"], abs=0.1)
-        assert rows[name]["seconds"] > 1
+        assert rows[name]["seconds"] > (1 if name != "sft" else 0)  # 2 tiny SFT steps take under a second
     assert report["summary"]["specialists"] == {"math": "grpo_math"}
     [student] = report["summary"]["compared"]  # the OPD student against the specialist, on gain and compute
     assert student["name"] == "student" and set(student["gain_kept"]) == {"math"}

@@ -187,6 +187,8 @@ def test_a_teacher_that_cannot_load_is_refused_in_one_line(ray_local, tmp_path, 
 
 def opd(*teachers: dict) -> OPDRecipe:
     return OPDRecipe(kind="opd", teachers=list(teachers), ray=RaySection(num_cpus=2),
+                     data={"sources": [{"name": "math", "synthetic": "math"},
+                                       {"name": "instruct", "synthetic": "instruct"}]},
                      rollout={"num_cpus_per_worker": 1}, trainer={"num_cpus_per_worker": 1})
 
 
