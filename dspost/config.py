@@ -566,6 +566,11 @@ class OPDRecipe(GRPORecipe):
     """Reward terms. Of weight 0 (the default) they only grade held-out evaluation; a term with a weight mixes a
     group-normalised outcome advantage into the distillation (then `rollout.n` >= 2)."""
 
+    @property
+    def outcome_reward(self) -> bool:
+        """A reward term with a weight mixes its group-normalised advantage into the distillation."""
+        return any(t.weight != 0 for t in self.rewards.terms)
+
     @model_validator(mode="after")
     def _distillation_options(self) -> "OPDRecipe":
         if self.rollout.temperature == 0:
@@ -575,7 +580,7 @@ class OPDRecipe(GRPORecipe):
             if name in self.algorithm.model_fields_set:
                 raise ValueError(f"algorithm.{name}: OPD's loss is the reverse KL to the teachers (opd.estimator); "
                                  f"algorithm.{name} applies to kind: grpo only")
-        if any(t.weight != 0 for t in self.rewards.terms) and self.rollout.n < 2:
+        if self.outcome_reward and self.rollout.n < 2:
             raise ValueError(f"rollout.n: an outcome reward (a rewards.terms weight != 0) is group-normalised, so it "
                              f"needs n >= 2 (got {self.rollout.n})")
         if self.opd.discount and self.opd.estimator != "sampled":

@@ -25,7 +25,6 @@ from dspost.teacher import TeacherPool, TeacherScores, teacher_specs
 
 def run_opd(recipe: OPDRecipe, run: RunDir, model_path: Path, progress=None) -> Path:
     o, r = recipe.opd, recipe.rollout
-    outcome = any(term.weight != 0 for term in recipe.rewards.terms)
     weights = [t.weight for t in recipe.teachers]
     with rl_session(recipe, run, model_path) as rl:
         teachers = start_teachers(recipe, rl, model_path)
@@ -40,7 +39,7 @@ def run_opd(recipe: OPDRecipe, run: RunDir, model_path: Path, progress=None) -> 
                                         full=o.estimator == "full")
             metrics: dict[str, float] = {}
             advantages = torch.zeros(len(samples))
-            if outcome:
+            if recipe.outcome_reward:
                 with timed(times, "score"):
                     rewards, metrics = rl.score(samples, examples, step)
                     advantages = group_normalised(rewards, r.n)
@@ -61,13 +60,8 @@ def run_opd(recipe: OPDRecipe, run: RunDir, model_path: Path, progress=None) -> 
 
 def start_teachers(recipe: OPDRecipe, rl: RLSession, student: Path) -> TeacherPool:
     """The teacher pool (stopped with the session), after checking every teacher scores the student's token ids.
-    `teachers[i].path` is set (a pipeline's runner resolves `from_stage` to the earlier stage's checkpoint)."""
-    paths = [t.path for t in recipe.teachers]
-    missing = [i for i, p in enumerate(paths) if p is None]
-    if missing:
-        raise ValueError(f"teachers.{missing[0]}.from_stage: {recipe.teachers[missing[0]].from_stage!r} names a "
-                         "pipeline stage, so this recipe runs only inside its pipeline")
-    pool = TeacherPool(teacher_specs(recipe.teachers, paths), recipe.model.dtype, recipe.algorithm.pack_len,
+    `teachers[i].path` is set: loading refuses `from_stage` outside a pipeline, whose runner resolves it."""
+    pool = TeacherPool(teacher_specs(recipe.teachers, [t.path for t in recipe.teachers]), recipe.model.dtype, recipe.algorithm.pack_len,
                        engine_kwargs(recipe), recipe.sync.parity_threshold)
     rl.running.callback(pool.shutdown)
     pool.check_tokenizer(student)

@@ -234,6 +234,14 @@ def check_runnable(recipe: Recipe) -> None:
     if recipe.kind == "evaluate":
         raise RecipeError("kind: an evaluate stage grades the checkpoints of earlier stages: put it among the stages "
                           "of a kind: pipeline recipe")
+    if recipe.kind != "pipeline":  # a stage reference resolves only inside a pipeline
+        model = getattr(recipe, "model", None)
+        refs = [("model.from_stage", model.from_stage)] if model is not None and model.from_stage else []
+        refs += [(f"teachers.{j}.from_stage", t.from_stage) for j, t in enumerate(getattr(recipe, "teachers", []))
+                 if t.from_stage and not t.path]
+        if refs:
+            raise RecipeError(f"{refs[0][0]}: {refs[0][1]!r} names a pipeline stage, but this recipe is a single "
+                              "stage; give a path, or run it inside a kind: pipeline recipe")
     for prefix, stage in stages_of(recipe):
         if stage.kind not in STAGE_RUNNERS:
             raise RecipeError(f"{prefix}kind: {stage.kind} stages are not implemented yet "

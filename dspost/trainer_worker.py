@@ -258,12 +258,11 @@ class TrainerWorker:
         from dspost.algorithms import DistillInputs, distill_loss
 
         o = self.recipe.opd
-        outcome = any(term.weight != 0 for term in self.recipe.rewards.terms)
         get = lambda key: x[key][micro] if key in x else None  # noqa: E731
         inputs = DistillInputs(lp, old, x["rollout_lp"][micro], x["teacher_lp"][micro], x["mask"][micro],
                                x["teacher_weight"][micro], student_rows[0] if student_rows else None,
                                get("support_ids"), get("support_lp"), get("teacher_rows"),
-                               x["adv"][micro] if outcome else None, tokens=tokens)
+                               x["adv"][micro] if self.recipe.outcome_reward else None, tokens=tokens)
         return distill_loss(inputs, o.estimator, self.recipe.algorithm, o.discount)
 
     def connect_weight_transfer(self, workers: list) -> None:
