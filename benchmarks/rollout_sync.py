@@ -4,9 +4,10 @@
    same checkpoint, prompts and sampling (target: pool overhead <= 5%). Skipped with --sync-only.
 2. Weight sync into a rollout worker (a Ray actor owning a vLLM engine), end to end from the trainer-side
    tensors to an engine serving them:
-   - new: `ObjectStoreTransport.push` (a same-node worker: the tensors copied into a shared-memory file
-     the worker maps once; it writes them into the engine's storage and redoes only the post-processing
-     they feed);
+   - new: `ObjectStoreTransport.push` with the model hosted (`connect(..., host=model)`: the parameters live in
+     a shared-memory file that a same-node worker maps once and reads in place; it writes them into the
+     engine's storage and redoes only the post-processing they feed);
+   - the same without hosting: the sender copies the tensors into its shared file on every push;
    - old (775a309): tensors copied into flat buckets with adler32, put, verified, then vLLM's
      `reload_weights` for everything but the routed experts, which are stacked and packed per layer;
    - a plain memory copy of the same tensors, into fresh buffers (the target's yardstick) and into buffers
@@ -159,23 +160,30 @@ def main() -> None:
     if not a.sync_only:
         rollout(a, path, kw)
 
-    from dspost.rollout.sync import ObjectStoreTransport
+    from dspost.rollout.sync import ObjectStoreTransport, shared_weights
 
     worker = ray.remote(BenchWorker).options(num_cpus=1, runtime_env={"env_vars": {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "2"}}).remote(path, kw, 2)
     ray.get(worker.get_version.remote())
     model = from_pretrained(path)
-    named = list(hf_tensors(model, include_mtp=False))
-    nbytes = sum(t.numel() * t.element_size() for _, t in named)
     bucket = int(a.bucket_mb * 2**20)
-    transport = ObjectStoreTransport(bucket)
-    transport.connect([worker])
+    staging = ObjectStoreTransport(bucket)  # copies the tensors into its shared file on every push
+    staging.connect([worker])
+    transport = ObjectStoreTransport(bucket)  # hosts the model's parameters: pushes read them in place
+    transport.connect([worker], host=model)
+    named = list(hf_tensors(model, include_mtp=False))  # views of the hosted parameters
+    nbytes = sum(t.numel() * t.element_size() for _, t in named)
     warm_dst = [torch.empty_like(x) for _, x in named]
 
     loads: list[float] = []
 
     def run_new(v):
-        loads.append(transport.push(named, v).load_seconds)
+        stats = transport.push(named, v)
+        assert stats.staged_bytes == 0, f"{stats.staged_bytes} bytes staged from hosted parameters"
+        loads.append(stats.load_seconds)
+
+    def run_staged(v):
+        assert staging.push(named, v).staged_bytes == nbytes
 
     def run_old(v):
         refs = [ray.put(b) for b in _old_buckets(named, bucket)]
@@ -194,7 +202,8 @@ def main() -> None:
         model.save_pretrained(os.path.join(tmp, "reload"))
         ray.get(worker.reload_from_disk.remote(os.path.join(tmp, "reload")))
 
-    runs = {"new: ObjectStoreTransport.push": run_new, "old (775a309): buckets + reload_weights": run_old,
+    runs = {"new: ObjectStoreTransport.push": run_new, "new, sender copies (parameters not hosted)": run_staged,
+            "old (775a309): buckets + reload_weights": run_old,
             "plain memory copy (fresh buffers)": run_copy_fresh, "plain memory copy (written before)": run_copy_warm,
             "save checkpoint + reload from disk": run_disk}
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -241,13 +250,13 @@ def main() -> None:
         prof = cProfile.Profile()
         prof.enable()
         t = time.perf_counter()
-        shared = transport.segment.write(named)
+        shared_weights(named, staging.hosted, staging.segment)
         write_s = time.perf_counter() - t
         prof.disable()
-        print(f"sender (SharedSegment.write, {write_s:.3f} s):")
+        print(f"sender without hosting (SharedSegment.write, {write_s:.3f} s; hosted: nothing to write):")
         pstats.Stats(prof).sort_stats("tottime").print_stats(6)
-        print("rollout worker (load_weights):")
-        print(ray.get(worker.profile_load.remote(shared, 200)))
+        print("rollout worker (load_weights from the hosted parameters):")
+        print(ray.get(worker.profile_load.remote(shared_weights(named, transport.hosted, transport.segment)[0], 200)))
     ray.shutdown()
 
 

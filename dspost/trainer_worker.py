@@ -163,7 +163,7 @@ class TrainerWorker:
         self.ref = (from_pretrained(model_path, dtype=torch_dtype(m)).to(self.device).eval()
                     if recipe.algorithm.kl_beta > 0 else None)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
-        self.transport = None  # set by connect_weight_transfer
+        self.transport, self.published = None, None  # set by connect_weight_transfer and publish_weights
         # The schedule follows optimizer steps: `algorithm.minibatches` of them per rollout batch.
         # Under LoRA the router biases are part of the frozen base: no bias updates.
         self.optimizer = Optimizer(self.model, t, t.max_steps * recipe.algorithm.minibatches, world, self.model,
@@ -271,10 +271,18 @@ class TrainerWorker:
 
         cfg = self.recipe.sync
         self.transport = TRANSPORTS[cfg.transport](int(cfg.bucket_mb * 2**20))
-        self.transport.connect(workers)
+        # A push of the model's own tensors can read them in place; merged adapters and quantised copies are new.
+        plain = not is_adapted(self.model) and cfg.quantize == "none"
+        self.transport.connect(workers, host=self.model if plain else None)
 
     def rejoin_weight_transfer(self, index: int, worker) -> None:
-        """A restarted rollout worker to the last pushed weights (the pool calls this)."""
+        """A restarted rollout worker to the last pushed weights (the pool calls this, between a push and the next
+        update: the transport may hand out the trainer's weights in place)."""
+        from dspost.rollout.sync import SyncError
+
+        if self.published is not None and self.published != self.optimizer.steps:  # None: engines serve the start
+            raise SyncError(f"rollout worker {index} restarted after an optimizer step and before the next sync: the "
+                            "weights it would load are not the version the pool serves")
         self.transport.rejoin(index, worker)
 
     def _checkpoint_tensors(self):
@@ -292,8 +300,9 @@ class TrainerWorker:
     def publish_weights(self, version: int) -> dict[str, float]:
         """The current weights (HF names) into every engine, which then serves `version`."""
         stats = self.transport.push(self._checkpoint_tensors(), version)
+        self.published = self.optimizer.steps
         return {"sync/bytes": float(stats.bytes), "sync/push_seconds": stats.seconds,
-                "sync/load_seconds": stats.load_seconds}
+                "sync/load_seconds": stats.load_seconds, "sync/staged_bytes": float(stats.staged_bytes)}
 
     @torch.no_grad()
     def sequence_logprobs(self, seqs: list[list[int]]) -> list[list[float]]:

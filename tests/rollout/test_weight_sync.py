@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dspost.model import from_pretrained, hf_tensors
-from dspost.rollout.sync import NCCLTransport, SharedSegment, SyncError, make_buckets, unpack_bucket
+from dspost.rollout.sync import NCCLTransport, SharedSegment, SyncError, make_buckets, shared_weights, unpack_bucket
 
 
 def probe(engine, seqs: list[list[int]]) -> list:
@@ -72,6 +72,9 @@ def changed_checkpoints(served_checkpoint, tmp_path_factory):
     return {k: (model, expected[k]) for k, (_, model) in out.items()}
 
 
+HOSTED = SharedSegment()  # the hosted model's file (its parameters' storage) for `_sync(..., "hosted")`
+
+
 def _named(model, keep=lambda name: True):
     return [(k, t) for k, t in hf_tensors(model, include_mtp=False) if keep(k)]
 
@@ -82,6 +85,10 @@ def _sync(engine, named, wire="buckets", bucket_bytes=1 << 20):
     if wire == "shared":
         segment = SharedSegment()  # the file lives as long as its segment
         return engine.update_weights(segment.write(named).open({}, ""))
+    if wire == "hosted":  # read where they lie in a hosted model's file; nothing may be copied
+        shared, staged = shared_weights(named, HOSTED, SharedSegment())
+        assert staged == 0
+        return engine.update_weights(shared.open({}, ""))
     return engine.update_weights([p for b in make_buckets(named, bucket_bytes) for p in unpack_bucket(b)])
 
 
@@ -106,6 +113,19 @@ def test_sync_unchanged_then_changed_weights(vllm_engine, served_checkpoint, cha
     assert probe(vllm_engine, seqs) == expected  # exactly the freshly started engine's logprobs
     _sync(vllm_engine, _named(base))
     _sync(vllm_engine, _named(changed), "shared")
+    assert probe(vllm_engine, seqs) == expected
+
+    # The trainer's parameters hosted in the shared file: a push reads their current values in place, so an
+    # in-place change (an optimizer step) reaches the engine with the next push.
+    hosted = from_pretrained(path)
+    assert HOSTED.host(list(hosted.state_dict(keep_vars=True).values()))
+    _sync(vllm_engine, _named(changed))
+    _sync(vllm_engine, _named(hosted), "hosted")
+    assert probe(vllm_engine, seqs) == before
+    with torch.no_grad():
+        for (_, t), (_, c) in zip(_named(hosted), _named(changed)):
+            t.copy_(c)
+    _sync(vllm_engine, _named(hosted), "hosted")
     assert probe(vllm_engine, seqs) == expected
 
     _sync(vllm_engine, _named(base))  # restore for the other tests of the session
@@ -182,10 +202,44 @@ def test_shared_segment_roundtrip_rewrite_and_growth():
     maps: dict = {}
     assert all(torch.equal(x, y) for (_, x), (_, y) in zip(first.open(maps, ""), named))
     again = seg.write([(k, t + 1) for k, t in named])  # rewritten in place: the same file, already mapped
-    assert again.path == first.path and all(torch.equal(x, y + 1) for (_, x), (_, y) in zip(again.open(maps, ""), named))
+    assert again.files == first.files and all(torch.equal(x, y + 1) for (_, x), (_, y) in zip(again.open(maps, ""), named))
     f = torch.randn(100)
     bigger = seg.write(named + [("f", f)])  # a new file; the old one is unlinked
-    assert bigger.path != first.path and not os.path.exists(first.path)
+    assert bigger.files != first.files and not os.path.exists(first.files[0][0])
     assert torch.equal(bigger.open(maps, "")[-1][1], f)
     del seg
-    assert not os.path.exists(bigger.path)
+    assert not os.path.exists(bigger.files[0][0])
+
+
+def test_hosted_parameters_are_pushed_in_place():
+    """`SharedSegment.host` moves a model's parameters into the shared file (same Parameter objects, same values,
+    an optimizer still steps them); a push of its checkpoint tensors then copies nothing and the worker's views
+    are the parameters' current bytes. A tensor that no longer lies there is copied, not lost."""
+    from dspost.model import DeepseekV3, tiny_math
+
+    model = DeepseekV3(tiny_math(num_hidden_layers=2)).init_weights(0)
+    params = list(model.parameters())
+    hosted = [*params, *(b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))]
+    before = [p.detach().clone() for p in params]
+    seg = SharedSegment()
+    assert seg.host(hosted)
+    assert all(p is q and torch.equal(p, b) for p, q, b in zip(params, model.parameters(), before))
+    named = _named(model)
+    shared, staged = shared_weights(named, seg, SharedSegment())
+    assert staged == 0 and [f for f, _ in shared.files] == [seg.path]
+    maps: dict = {}
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(shared.open(maps, ""), named))
+
+    opt = torch.optim.AdamW(params, lr=0.1)
+    model(torch.tensor([[3, 4, 5, 6]])).logits.float().mean().backward()
+    opt.step()  # in place, into the file
+    assert any(not torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(shared_weights(named, seg, SharedSegment())[0].open(maps, ""),
+                                                           _named(model)))
+
+    moved = params[0]
+    moved.data = moved.data.clone()  # e.g. a load that replaced the storage: that tensor is staged, the rest not
+    staging = SharedSegment()
+    shared, staged = shared_weights(_named(model), seg, staging)
+    assert staged == moved.numel() * moved.element_size() and len(shared.files) == 2
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(shared.open(maps, ""), _named(model)))
