@@ -137,7 +137,10 @@ class Optimizer:
     def __init__(self, model: nn.Module, t: TrainerSection, total: int, world: int = 1, router: nn.Module | None = None,
                  bias_speed: float = 0.0):
         self.model, self.t, self.total, self.world = model, t, total, world
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        # What a step writes, so what its finiteness check reads: under LoRA the adapters (0.12 ms) and not the
+        # frozen base too (1.8 ms of a ~130 ms LoRA SFT step on tiny-math, 2026-12-02).
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named]
         self.adamw = torch.optim.AdamW(self.params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         # `router`: our DeepseekV3 whose router biases follow the expert load (None: no MoE, or frozen under LoRA)
         self.router, self.bias_speed = router, bias_speed
@@ -161,7 +164,7 @@ class Optimizer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.t.clip_grad_norm))
         check_finite(label, "the gradient norm", grad_norm)
         self.adamw.step()
-        check_finite(label, "a weight after the optimizer step", floating_tensors(self.model))
+        check_finite(label, "a weight after the optimizer step", self.named)
         self.adamw.zero_grad(set_to_none=True)
         if self.router is not None:
             all_reduce_router_load(self.router, self.world)

@@ -6,8 +6,8 @@ weight."""
 import pytest
 import torch
 
-from dspost.config import (DataSection, ModelSection, OPDRecipe, OPDSection, RolloutSection, SourceSection,
-                           TeacherSection, TrainerSection)
+from dspost.config import (DataSection, LoraSection, ModelSection, OPDRecipe, OPDSection, RolloutSection,
+                           SourceSection, TeacherSection, TrainerSection)
 from dspost.starting_point import tiny_math_init
 from dspost.teacher import TorchScorer
 from dspost.trainer_worker import RolloutBatch, TrainerWorker, pack, packed_logprobs
@@ -17,10 +17,10 @@ LR = 1e-3
 ESTIMATORS = ["sampled", "topk", "full"]
 
 
-def opd_recipe(estimator: str, weights=(1.0, 1.0)) -> OPDRecipe:
+def opd_recipe(estimator: str, weights=(1.0, 1.0), lora: LoraSection | None = None) -> OPDRecipe:
     """Two teachers, `math` and `instruct`, each serving its own data source."""
     return OPDRecipe(kind="opd", opd=OPDSection(estimator=estimator, top_k=8),
-                     trainer=TrainerSection(lr=LR, warmup_steps=0), model=ModelSection(bias_update_speed=0),
+                     trainer=TrainerSection(lr=LR, warmup_steps=0, lora=lora), model=ModelSection(bias_update_speed=0),
                      rollout=RolloutSection(temperature=T),
                      data=DataSection(sources=[SourceSection(name="math", synthetic="math"),
                                                SourceSection(name="instruct", synthetic="instruct")]),
@@ -129,3 +129,25 @@ def test_each_sample_is_distilled_toward_its_own_teacher_with_its_weight(estimat
     assert m["opd/math/reverse_kl"] < 1e-6 < 1e-3 < m["opd/instruct/reverse_kl"], m
     assert m["opd/math/tokens"] == 7 + 21 and m["opd/instruct/tokens"] == 12 + 6
     assert runs[1]["train/loss"] == pytest.approx(2 * m["train/loss"], rel=1e-4)
+
+
+def test_a_lora_student_is_distilled_through_its_adapters_only(other_teacher):
+    """OPD under `trainer.lora` (the stage then outputs the merged model): the adapters move the student toward its
+    teacher (the exact reverse KL falls) while every base weight stays as it was, and a sync sends merged adapted
+    tensors that differ from the base's."""
+    from dspost.lora import adapted_tensors
+    from dspost.model import from_pretrained, hf_tensors
+
+    worker = TrainerWorker(opd_recipe("full", lora=LoraSection(r=8, alpha=16)), str(tiny_math_init()))
+    frozen = {n: p.detach().clone() for n, p in worker.model.named_parameters() if not p.requires_grad}
+    assert frozen and not any("lora_" in n for n in frozen)
+    batch = scored(worker, "full", [other_teacher], [0, 0, 0, 0], (1.0, 1.0))
+    before = reverse_kl(worker, other_teacher, batch)
+    for step in (1, 2, 3):
+        worker.train_step(batch, step)
+    assert reverse_kl(worker, other_teacher, batch) < 0.9 * before
+    assert all(torch.equal(p, frozen[n]) for n, p in worker.model.named_parameters() if n in frozen)
+    base = dict(hf_tensors(from_pretrained(str(tiny_math_init())), include_mtp=False))
+    sent = dict(adapted_tensors(worker.model))
+    assert any("q_a_proj" in n for n in sent) and all(n in base for n in sent)
+    assert any(not torch.equal(t, base[n]) for n, t in sent.items())
