@@ -202,7 +202,8 @@ def test_shared_segment_roundtrip_rewrite_and_growth():
     maps: dict = {}
     assert all(torch.equal(x, y) for (_, x), (_, y) in zip(first.open(maps, ""), named))
     again = seg.write([(k, t + 1) for k, t in named])  # rewritten in place: the same file, already mapped
-    assert again.files == first.files and all(torch.equal(x, y + 1) for (_, x), (_, y) in zip(again.open(maps, ""), named))
+    assert again.files == first.files
+    assert all(torch.equal(x, y + 1) for (_, x), (_, y) in zip(again.open(maps, ""), named))
     f = torch.randn(100)
     bigger = seg.write(named + [("f", f)])  # a new file; the old one is unlinked
     assert bigger.files != first.files and not os.path.exists(first.files[0][0])
@@ -234,8 +235,8 @@ def test_hosted_parameters_are_pushed_in_place():
     model(torch.tensor([[3, 4, 5, 6]])).logits.float().mean().backward()
     opt.step()  # in place, into the file
     assert any(not torch.equal(p, b) for p, b in zip(params, before))
-    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(shared_weights(named, seg, SharedSegment())[0].open(maps, ""),
-                                                           _named(model)))
+    stepped = shared_weights(named, seg, SharedSegment())[0].open(maps, "")
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(stepped, _named(model)))
 
     moved = params[0]
     moved.data = moved.data.clone()  # e.g. a load that replaced the storage: that tensor is staged, the rest not
