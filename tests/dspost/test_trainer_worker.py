@@ -1,6 +1,6 @@
 """The trainer pool's worker: packed logprobs at the response positions, an update moving probability towards
 rewarded samples, the compiled update matching the eager one, logprobs at the rollout temperature, and losses
-whose means are over the whole minibatch however it is split."""
+whose means are over the whole minibatch however it is split, and a rejoin refused after an update."""
 
 import pytest
 import torch
@@ -166,3 +166,31 @@ def test_bf16_precision_runs_the_update_under_autocast():
         RolloutBatch(prompts, responses, fp32_logprobs, [1.0, -1.0]), 1)["train/rollout_logprob_diff"]
         for p in ("fp32", "bf16")]
     assert diffs[0] < 1e-5 < 1e-3 < diffs[1]
+
+
+def test_a_restarted_rollout_worker_rejoins_only_the_weights_last_pushed():
+    """With the parameters hosted, a rejoin hands out the trainer's weights as they are: between a push and the next
+    update that is the pushed version, after an update it is not, and the trainer refuses in one line."""
+    from dspost.rollout.sync import PushStats, SyncError
+
+    class Recording:  # the transport's interface, recording what the trainer asks of it
+        def __init__(self):
+            self.rejoined = []
+
+        def push(self, named, version):
+            return PushStats(sum(t.numel() * t.element_size() for _, t in named), 0.0, 0)
+
+        def rejoin(self, index, worker):
+            self.rejoined.append(index)
+
+    worker = TrainerWorker(recipe(), str(tiny_math_init()))
+    worker.transport = transport = Recording()
+    worker.rejoin_weight_transfer(0, None)  # nothing pushed yet: the engines serve the start checkpoint
+    batch = RolloutBatch([[4, 100, 5]] * 2, [[200, 2], [300, 2]], [[-1.0, -1.0]] * 2, [1.0, -1.0])
+    worker.train_step(batch, 1)
+    worker.publish_weights(2)
+    worker.rejoin_weight_transfer(1, None)
+    worker.train_step(batch, 2)
+    with pytest.raises(SyncError, match="restarted after an optimizer step and before the next sync") as e:
+        worker.rejoin_weight_transfer(0, None)
+    assert "\n" not in str(e.value) and transport.rejoined == [0, 1]
