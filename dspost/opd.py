@@ -61,8 +61,9 @@ def run_opd(recipe: OPDRecipe, run: RunDir, model_path: Path, progress=None) -> 
 def start_teachers(recipe: OPDRecipe, rl: RLSession, student: Path) -> TeacherPool:
     """The teacher pool (stopped with the session), after checking every teacher scores the student's token ids.
     `teachers[i].path` is set: loading refuses `from_stage` outside a pipeline, whose runner resolves it."""
-    pool = TeacherPool(teacher_specs(recipe.teachers, [t.path for t in recipe.teachers]), recipe.model.dtype, recipe.algorithm.pack_len,
-                       engine_kwargs(recipe), recipe.sync.parity_threshold)
+    specs = teacher_specs(recipe.teachers, [t.path for t in recipe.teachers])
+    pool = TeacherPool(specs, recipe.model.dtype, recipe.algorithm.pack_len, engine_kwargs(recipe),
+                       recipe.sync.parity_threshold)
     rl.running.callback(pool.shutdown)
     pool.check_tokenizer(student)
     return pool

@@ -277,8 +277,9 @@ class ObjectStoreTransport:
         local, staged = shared_weights(named, self.hosted, self.segment)
         remote = None
         if any(n != self.node for n in self.nodes):
-            remote = StoreBuckets([ray.put(b) for b in make_buckets(local.open({}, self.node), self.bucket_bytes,
-                                                                     checksum=True, node=self.node)])
+            # from the tensors themselves: the same bytes as the shared file, without mapping it again
+            remote = StoreBuckets([ray.put(b) for b in make_buckets(named, self.bucket_bytes, checksum=True,
+                                                                     node=self.node)])
         self.last = (local, remote, version)
         missed, load = [], 0.0
         loads = [w.load_weights.remote(local if n == self.node else remote, version)

@@ -72,21 +72,18 @@ def changed_checkpoints(served_checkpoint, tmp_path_factory):
     return {k: (model, expected[k]) for k, (_, model) in out.items()}
 
 
-HOSTED = SharedSegment()  # the hosted model's file (its parameters' storage) for `_sync(..., "hosted")`
-
-
 def _named(model, keep=lambda name: True):
     return [(k, t) for k, t in hf_tensors(model, include_mtp=False) if keep(k)]
 
 
-def _sync(engine, named, wire="buckets", bucket_bytes=1 << 20):
+def _sync(engine, named, wire="buckets", bucket_bytes=1 << 20, hosted: SharedSegment | None = None):
     """Through object-store buckets (each tensor its own array: the engine stacks fused pairs and experts
     through copies) or the shared-memory file (laid out back to back: the engine packs straight from it)."""
     if wire == "shared":
         segment = SharedSegment()  # the file lives as long as its segment
         return engine.update_weights(segment.write(named).open({}, ""))
-    if wire == "hosted":  # read where they lie in a hosted model's file; nothing may be copied
-        shared, staged = shared_weights(named, HOSTED, SharedSegment())
+    if wire == "hosted":  # read where they lie in `hosted`, the model's file; nothing may be copied
+        shared, staged = shared_weights(named, hosted, SharedSegment())
         assert staged == 0
         return engine.update_weights(shared.open({}, ""))
     return engine.update_weights([p for b in make_buckets(named, bucket_bytes) for p in unpack_bucket(b)])
@@ -117,15 +114,15 @@ def test_sync_unchanged_then_changed_weights(vllm_engine, served_checkpoint, cha
 
     # The trainer's parameters hosted in the shared file: a push reads their current values in place, so an
     # in-place change (an optimizer step) reaches the engine with the next push.
-    hosted = from_pretrained(path)
-    assert HOSTED.host(list(hosted.state_dict(keep_vars=True).values()))
+    hosted, segment = from_pretrained(path), SharedSegment()
+    assert segment.host(list(hosted.state_dict(keep_vars=True).values()))
     _sync(vllm_engine, _named(changed))
-    _sync(vllm_engine, _named(hosted), "hosted")
+    _sync(vllm_engine, _named(hosted), "hosted", hosted=segment)
     assert probe(vllm_engine, seqs) == before
     with torch.no_grad():
         for (_, t), (_, c) in zip(_named(hosted), _named(changed)):
             t.copy_(c)
-    _sync(vllm_engine, _named(hosted), "hosted")
+    _sync(vllm_engine, _named(hosted), "hosted", hosted=segment)
     assert probe(vllm_engine, seqs) == expected
 
     _sync(vllm_engine, _named(base))  # restore for the other tests of the session
