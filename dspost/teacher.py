@@ -104,29 +104,19 @@ def head_rows(path: str | Path) -> int:
 
 # ------------------------------------------------------------------------------------------------- the actor
 class _KeepLogits:
-    """The teacher's forward in `packed_logprobs`' calling convention; it keeps the [n, V] logits it returns (the
-    selected positions, in `packed_logprobs`' order: sample by sample, position by position) for the top-k and full
-    outputs. Transformers models run the same packed rows: with no attention mask, positions restarting at 0 mark
-    the sequences (`masking_utils.find_packed_sequence_indices`), and `logits_to_keep` runs the head at the
-    columns needed only."""
+    """The teacher's forward in `packed_logprobs`' calling convention (ours, or a transformers model through
+    `TransformersForward`); it keeps the [n, V] logits it returns (the selected positions, in `packed_logprobs`'
+    order: sample by sample, position by position) for the top-k and full outputs."""
 
-    def __init__(self, model, ours: bool):
-        self.model, self.ours, self.logits = model, ours, None
+    def __init__(self, model):
+        from dspost.trainer_worker import forward_of
+
+        self.forward, self.logits = forward_of(model), None
 
     def __call__(self, ids, position_ids, segment_ids, logits_at):
-        from types import SimpleNamespace
-
-        if self.ours:
-            out = self.model(ids, position_ids=position_ids, segment_ids=segment_ids, logits_at=logits_at)
-            self.logits = out.logits
-        else:
-            import torch
-
-            r, c = logits_at
-            cols, col_of = torch.unique(c, return_inverse=True)
-            out = self.model(input_ids=ids, position_ids=position_ids, logits_to_keep=cols, use_cache=False)
-            self.logits = out.logits[r, col_of]
-        return SimpleNamespace(logits=self.logits)
+        out = self.forward(ids, position_ids=position_ids, segment_ids=segment_ids, logits_at=logits_at)
+        self.logits = out.logits
+        return out
 
 
 class TorchScorer:
@@ -137,6 +127,7 @@ class TorchScorer:
 
         from dspost.lora import load_base
         from dspost.model import DeepseekV3
+        from dspost.trainer_worker import check_packing
         from dspost.training import device
 
         self.device = device()
@@ -145,27 +136,7 @@ class TorchScorer:
         self.ours = isinstance(model, DeepseekV3)
         self.row_len, self.pad_id = row_len, pad_id
         if not self.ours:
-            self._check_packing(path)
-
-    def _check_packing(self, path: str) -> None:
-        """A transformers model must keep packed sequences apart (its masks built from restarting positions): three
-        short sequences scored in one row must score as each alone."""
-        import torch
-
-        g = torch.Generator().manual_seed(0)
-        V = head_rows(path)
-        prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (3, 6, 2)]
-        responses = [torch.randint(0, V, (n,), generator=g).tolist() for n in (5, 2, 7)]
-        row_len, self.row_len = self.row_len, 64
-        try:
-            packed = self.score(prompts, responses, 1.0, 0, False, None)
-            alone = [self.score([p], [r], 1.0, 0, False, None)[0] for p, r in zip(prompts, responses)]
-        finally:
-            self.row_len = row_len
-        gap = max(float(np.abs(a.token_logprobs - b.token_logprobs).max()) for a, b in zip(packed, alone))
-        if not gap <= 1e-4:
-            raise TeacherError(f"{path}: this transformers model lets packed sequences see each other (logprobs move "
-                               f"by {gap:.3g} nats when scored together): it needs masks built from position_ids")
+            check_packing(self.model, head_rows(path), path)
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], temperature: float, k: int,
               full: bool, extra: torch.Tensor | None) -> list[TeacherScores]:
@@ -177,7 +148,7 @@ class TorchScorer:
         batch = RolloutBatch(prompt_ids, response_ids, [[0.0] * n for n in lengths], [0.0] * len(lengths))
         x = pack(batch, self.pad_id)
         mask = x["mask"].bool()
-        forward = _KeepLogits(self.model, self.ours)
+        forward = _KeepLogits(self.model)
         with torch.no_grad():
             lp, _ = packed_logprobs(forward, x["ids"].to(self.device), x["lengths"], self.row_len,
                                     temperature=temperature, at=mask)

@@ -70,6 +70,50 @@ def pack(batch: RolloutBatch, pad_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
+class TransformersForward:
+    """A transformers causal LM called as our model is (`ids, position_ids=, segment_ids=, logits_at=`): with no
+    attention mask, positions restarting at 0 mark the sequences of a packed row
+    (`masking_utils.find_packed_sequence_indices`; `check_packing` verifies the model honours them), and
+    `logits_to_keep` runs the head at the columns needed only. Our segment ids and routes have no counterpart."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, ids, position_ids=None, segment_ids=None, logits_at=None, routes=None):
+        from types import SimpleNamespace
+
+        if logits_at is None:
+            return SimpleNamespace(logits=self.model(input_ids=ids, position_ids=position_ids, use_cache=False).logits)
+        r, c = logits_at
+        cols, col_of = torch.unique(c, return_inverse=True)
+        out = self.model(input_ids=ids, position_ids=position_ids, logits_to_keep=cols, use_cache=False)
+        return SimpleNamespace(logits=out.logits[r, col_of])
+
+
+def forward_of(model):
+    """`model` itself when it is ours (bare or under PEFT adapters), else its `TransformersForward`."""
+    from dspost.lora import is_ours
+
+    return model if is_ours(model) else TransformersForward(model)
+
+
+def check_packing(model, vocab: int, where: str) -> None:
+    """A transformers model must keep packed sequences apart (its masks built from restarting positions): three
+    short sequences scored in one row must score as each alone, else a one-line error naming `where`."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([8, 8, 9])
+    ids = torch.randint(0, vocab, (3, 9), generator=g)
+    dev = next(model.parameters()).device
+    forward = forward_of(model)
+    with torch.no_grad():
+        packed = packed_logprobs(forward, ids.to(dev), lengths, 64)[0]  # one row of 25 tokens
+        alone = packed_logprobs(forward, ids.to(dev), lengths, 9)[0]  # a row each
+    gap = float((packed - alone).abs().max())
+    if not gap <= 1e-4:
+        raise ValueError(f"{where}: this transformers model lets packed sequences see each other (logprobs move "
+                         f"by {gap:.3g} nats when scored together): it needs masks built from position_ids")
+
+
 def token_logprobs(model, ids: torch.Tensor, routes=None, position_ids=None, segment_ids=None,
                    entropy_grad: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position logprob of the next token [B, L-1] under the logits divided by `temperature` (the
@@ -133,13 +177,24 @@ def packed_logprobs(model, ids: torch.Tensor, lengths: torch.Tensor, row_len: in
     return lp, entropy, got[2].new_zeros(B, L - 1, got[2].shape[-1]).masked_scatter(at[..., None], got[2])
 
 
+def refuse_for_transformers(recipe: GRPORecipe | OPDRecipe, model_class: str) -> None:
+    """The RL trainer runs a transformers causal LM as a plain policy: what is built for our checkpoints only is
+    refused in one line (the router-bias update does not apply and is skipped, as in SFT)."""
+    t = recipe.trainer
+    for field, used in (("trainer.lora", t.lora is not None), ("sync.quantize", recipe.sync.quantize != "none")):
+        if used:
+            raise ValueError(f"{field}: implemented for deepseek_v3 checkpoints in RL; the policy is a {model_class} "
+                             "(vLLM fuses its projections under names our LoRA merge and FP8 sync do not write)")
+
+
 class TrainerWorker:
     """One rank of the trainer pool, built from the typed recipe: the policy, its optimizer, the reference model
     (when `algorithm.kl_beta > 0`), and its share of every rollout batch."""
 
     def __init__(self, recipe: GRPORecipe | OPDRecipe, model_path: str, rank: int = 0, world: int = 1, dist_url: str | None = None,
                  resume_from: str | None = None):
-        from dspost.model import from_pretrained, load_tokenizer
+        from dspost.lora import is_ours, load_base
+        from dspost.model import load_tokenizer
 
         self.recipe, self.rank, self.world = recipe, rank, world
         t, m = recipe.trainer, recipe.model
@@ -149,8 +204,13 @@ class TrainerWorker:
         init_group(rank, world, dist_url)
         self.device = device()
         # Under LoRA the base stays the start checkpoint and a checkpoint holds the adapters (PEFT format).
-        self.model = from_pretrained(model_path if t.lora else (resume_from or model_path), dtype=torch_dtype(m))
-        if self.device.type == "cuda":  # one-launch Triton grouped GEMM for the routed experts
+        # Our model, or any transformers causal LM vLLM serves (the policy needs the engines' architecture only).
+        self.model = load_base(model_path if t.lora else (resume_from or model_path), dtype=torch_dtype(m))
+        self.ours = is_ours(self.model)
+        if not self.ours:
+            refuse_for_transformers(recipe, type(self.model).__name__)
+            check_packing(self.model, self.model.config.vocab_size, f"model {model_path}")
+        elif self.device.type == "cuda":  # one-launch Triton grouped GEMM for the routed experts
             from dspost.model.quant import use_grouped_gemm
 
             use_grouped_gemm(self.model)
@@ -160,14 +220,16 @@ class TrainerWorker:
         self.model = self.model.to(self.device).train()
         compile_if_asked(self.model, t)
         self.tokenizer = load_tokenizer(model_path)
-        self.ref = (from_pretrained(model_path, dtype=torch_dtype(m)).to(self.device).eval()
+        self.ref = (load_base(model_path, dtype=torch_dtype(m)).to(self.device).eval()
                     if recipe.algorithm.kl_beta > 0 else None)
+        self.forward, self.ref_forward = forward_of(self.model), forward_of(self.ref) if self.ref is not None else None
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
         self.transport, self.published = None, None  # set by connect_weight_transfer and publish_weights
         # The schedule follows optimizer steps: `algorithm.minibatches` of them per rollout batch.
         # Under LoRA the router biases are part of the frozen base: no bias updates.
-        self.optimizer = Optimizer(self.model, t, t.max_steps * recipe.algorithm.minibatches, world, self.model,
-                                   0.0 if t.lora else m.bias_update_speed)
+        self.optimizer = Optimizer(self.model, t, t.max_steps * recipe.algorithm.minibatches, world,
+                                   self.model if self.ours else None,
+                                   0.0 if t.lora or not self.ours else m.bias_update_speed)
         self.optimizer.resume(Path(resume_from) if resume_from else None)
 
     def ready(self) -> int:
@@ -190,9 +252,9 @@ class TrainerWorker:
 
         rows = self.recipe.kind == "opd" and self.recipe.opd.estimator != "sampled"
 
-        def logprobs(model, idx=slice(None), rows=False):
+        def logprobs(forward, idx=slice(None), rows=False):
             with self.autocast:
-                return packed_logprobs(model, x["ids"][idx], x["lengths"][idx], a.pack_len, a.entropy_coef > 0,
+                return packed_logprobs(forward, x["ids"][idx], x["lengths"][idx], a.pack_len, a.entropy_coef > 0,
                                        temperature, at=x["mask"][idx], with_rows=rows)
 
         # With one optimizer step per batch, every forward sees the weights that produced the batch: the
@@ -201,9 +263,9 @@ class TrainerWorker:
         with torch.no_grad():
             if a.minibatches > 1:
                 self.model.eval()
-                old_lp, entropy = logprobs(self.model)
+                old_lp, entropy = logprobs(self.forward)
                 self.model.train()
-            ref_lp = logprobs(self.ref)[0] if self.ref is not None else None
+            ref_lp = logprobs(self.ref_forward)[0] if self.ref is not None else None
         B = x["ids"].shape[0]
         seen_lp, seen_entropy = torch.zeros_like(x["rollout_lp"]), torch.zeros_like(x["rollout_lp"])
         seen_kl = torch.zeros_like(x["rollout_lp"])
@@ -212,7 +274,7 @@ class TrainerWorker:
             # Every mean is over the whole minibatch, on every rank (see dspost/algorithms.py).
             tokens, sequences = all_reduce_sum([float(x["mask"][mb].sum()), float(len(mb))], self.world)
             for micro in mb.chunk(t.grad_accum):
-                lp, ent, *student_rows = logprobs(self.model, micro, rows)
+                lp, ent, *student_rows = logprobs(self.forward, micro, rows)
                 old = old_lp[micro] if old_lp is not None else lp.detach()
                 if old_lp is None:
                     seen_lp[micro], seen_entropy[micro] = old, ent.detach()
@@ -241,7 +303,7 @@ class TrainerWorker:
             from dspost.teacher import teacher_names
 
             metrics.update(opd_metrics(seen_kl, x["mask"], x["teacher_index"], teacher_names(self.recipe.teachers)))
-        load = self.model.expert_load()
+        load = self.model.expert_load() if self.ours else torch.zeros(0)
         if load.numel():
             ratios = load.max(1).values / load.min(1).values.clamp(min=1)
             metrics["moe/load_max_min_ratio"] = float(ratios.max())
@@ -293,6 +355,8 @@ class TrainerWorker:
 
         if is_adapted(self.model):
             return adapted_tensors(self.model)
+        if not self.ours:  # a transformers model's own names are the checkpoint's
+            return list(self.model.state_dict().items())
         named = hf_tensors(self.model, include_mtp=False)  # vLLM serves no MTP layers here
         quantize = self.recipe.sync.quantize
         return quantize_named(named, quantize) if quantize != "none" else named
@@ -309,7 +373,7 @@ class TrainerWorker:
         self.model.eval()
         out = []
         for s in seqs:
-            lp, _ = token_logprobs(self.model, torch.tensor([s], device=self.device))
+            lp, _ = token_logprobs(self.forward, torch.tensor([s], device=self.device))
             out.append(lp[0].tolist())
         self.model.train()
         return out

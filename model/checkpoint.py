@@ -497,8 +497,11 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
 
 
 def check_vllm_servable(path: str | os.PathLike) -> None:
-    """Refuse a checkpoint that vLLM's DeepseekV3 path would serve as a different model."""
-    cfg = read_config(path)
+    """Refuse a checkpoint that vLLM's DeepseekV3 path would serve as a different model (other architectures are
+    vLLM's own to serve or refuse)."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    if cfg.get("model_type") != "deepseek_v3":
+        return
     args = ModelArgs.from_dict(cfg)
     unsupported = cfg.get("dspost_vllm_unsupported") or args.vllm_unsupported()
     if unsupported:

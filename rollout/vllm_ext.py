@@ -19,7 +19,8 @@ tensor) pair goes to its place and only what it feeds is redone:
 
 A projection that lives only in a oneDNN handle keeps no unpacked copy, so the two halves of a fused pair,
 and an expert's gate_proj and up_proj, must arrive together (an error says so otherwise). Tensors in other
-formats (a quantised engine; a GPU engine's experts) go through `reload_weights`, which handles any format.
+formats (a quantised engine; a GPU engine's experts) and other architectures (a transformers policy: Llama's
+q/k/v fuse into `qkv_proj`) go through `reload_weights`, which handles any format and any model vLLM serves.
 This leans on vLLM 0.32 internals: the version is pinned and `tests/rollout/test_weight_sync.py` checks
 bit-identical logprobs against a freshly started engine.
 """
@@ -49,7 +50,9 @@ class WeightSyncExtension:
     @torch.no_grad()
     def dspost_update_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:
         """Write any subset of the checkpoint's tensors; returns how many were applied."""
-        if self.model_runner.model_config.quantization is not None:  # scales and all: vLLM's general path
+        config = self.model_runner.model_config
+        # Scales and all, or another architecture's fused names (a transformers policy): vLLM's general path.
+        if config.quantization is not None or config.hf_config.model_type != "deepseek_v3":
             self.model_runner.reload_weights(weights_iterator=iter(named))
             return len(named)
         model = self.model_runner.get_model()

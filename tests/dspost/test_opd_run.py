@@ -66,3 +66,28 @@ def test_opd_distills_each_domain_from_its_own_teacher(recipe, tmp_path):
     for r in rows[1:]:
         assert r["sync/policy_change_max"] > 1e-3 > 10 * r["sync/parity_max_abs"], r
     assert rows[2]["opd/math/reverse_kl"] > first["opd/math/reverse_kl"]  # the student left the math teacher
+
+
+def test_a_transformers_student_is_distilled_served_and_synced(recipe, llama, tmp_path):
+    """The student is a transformers Llama (the teachers' tokenizer, not their architecture): vLLM serves it, its
+    updates reach the engine exactly (the parity probe), and its checkpoints stay transformers checkpoints. The
+    instruct teacher is the student's own start, so its KL at step 1 is ~0 only if the trainer's forward of the
+    Llama matches the teacher's at the rollout temperature."""
+    from transformers import AutoModelForCausalLM
+
+    path, student = recipe
+    text = path.read_text().replace(f"path: {student}, domains: [math]", f"path: {student}, domains: [instruct]")
+    text = text.replace(f"path: {path.parent / 'other'}, domains: [instruct]", f"path: {llama}, domains: [math]")
+    (tmp_path / "opd.yaml").write_text(text)
+    out = tmp_path / "run"
+    args = ["run", str(tmp_path / "opd.yaml"), f"model.path={llama}", f"output_dir={out}", "--max-steps", "2"]
+    assert main(args) == 0
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    first = rows[1]
+    assert first["opd/math/reverse_kl"] < 1e-3 < 0.05 < first["opd/instruct/reverse_kl"], first
+    for r in rows[1:]:
+        assert r["sync/policy_change_max"] > 1e-3 > 10 * r["sync/parity_max_abs"], r
+        assert "moe/load_max_min_ratio" not in r
+    ckpt = out / "checkpoints" / "step_2"
+    assert AutoModelForCausalLM.from_pretrained(str(ckpt)).config.architectures == ["LlamaForCausalLM"]

@@ -15,24 +15,6 @@ ARGS = ["data.num_train=64", "data.num_eval=8", "data.max_seq_len=128", "trainer
         "trainer.eval_every=3", "trainer.save_every=3", "trainer.warmup_steps=1", "--max-steps", "6"]
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from dspost.starting_point import tiny_math_init
-    from dspost.model import load_tokenizer
-
-    tok = load_tokenizer(str(tiny_math_init()))  # the project's tokenizer: a chat template with generation marks
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_packed_rows_train_like_separate_sequences_in_transformers(llama):
     from transformers import AutoModelForCausalLM
 

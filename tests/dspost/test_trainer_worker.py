@@ -194,3 +194,41 @@ def test_a_restarted_rollout_worker_rejoins_only_the_weights_last_pushed():
     with pytest.raises(SyncError, match="restarted after an optimizer step and before the next sync") as e:
         worker.rejoin_weight_transfer(0, None)
     assert "\n" not in str(e.value) and transport.rejoined == [0, 1]
+
+
+def test_a_transformers_policy_trains_through_its_own_packed_forward(llama):
+    """A transformers causal LM as the RL policy: the update's packed rows score each sequence as the model's own
+    plain forward does (no cross-sequence attention), an update moves probability towards the rewarded samples, and
+    a sync sends the model's own state dict (its names are the checkpoint's)."""
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(str(llama), dtype=torch.float32).eval()
+    prompt, good, bad = [4, 100, 101, 102, 5], [200, 201, 202, 2], [300, 301, 302, 303, 304, 2]
+
+    def plain_lp(response):
+        seq = torch.tensor([prompt + response])
+        with torch.no_grad():
+            lp = plain(seq).logits[0, :-1].log_softmax(-1).gather(-1, seq[0, 1:, None])[:, 0]
+        return lp[len(prompt) - 1:].tolist()
+
+    worker = TrainerWorker(recipe(), str(llama))
+    assert not worker.ours
+    batch = RolloutBatch([prompt] * 4, [good, bad, good, bad], [plain_lp(r) for r in (good, bad, good, bad)],
+                         [1.0, -1.0, 1.0, -1.0])
+    seq_lp = lambda r: sum(worker.sequence_logprobs([prompt + r])[0][len(prompt) - 1:])  # noqa: E731
+    assert seq_lp(good) == pytest.approx(sum(plain_lp(good)), abs=1e-4)
+    before = seq_lp(good), seq_lp(bad)
+    metrics = worker.train_step(batch, 1)
+    # The four sequences share one packed row: the engine-side logprobs given are the plain forward's.
+    assert metrics["train/rollout_logprob_diff"] < 1e-5, metrics
+    assert seq_lp(good) > before[0] and seq_lp(bad) < before[1]
+    assert [n for n, _ in worker._checkpoint_tensors()] == list(plain.state_dict())
+
+
+def test_what_rl_implements_for_our_checkpoints_only_is_refused_for_a_transformers_policy(llama):
+    from dspost.config import LoraSection
+
+    with pytest.raises(ValueError, match=r"^trainer.lora: implemented for deepseek_v3 checkpoints in RL; the policy "
+                                         r"is a LlamaForCausalLM") as e:
+        TrainerWorker(recipe(lora=LoraSection()), str(llama))
+    assert "\n" not in str(e.value)
