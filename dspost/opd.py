@@ -12,6 +12,7 @@ every `save_every` steps a checkpoint. Every phase but the teacher's is `dspost/
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +27,8 @@ from dspost.teacher import TeacherPool, TeacherScores, teacher_specs
 def run_opd(recipe: OPDRecipe, run: RunDir, model_path: Path, progress=None) -> Path:
     o, r = recipe.opd, recipe.rollout
     weights = [t.weight for t in recipe.teachers]
+    if o.init == "task_arithmetic":
+        model_path = merged_start(recipe, run, model_path)
     with rl_session(recipe, run, model_path) as rl:
         teachers = start_teachers(recipe, rl, model_path)
         for step in rl.steps():
@@ -56,6 +59,20 @@ def run_opd(recipe: OPDRecipe, run: RunDir, model_path: Path, progress=None) -> 
                             "perf/train_tokens_per_s": metrics.get("train/tokens", 0) / times["time/update"]})
             rl.end_step(step, metrics, times, progress)
         return rl.output()
+
+
+def merged_start(recipe: OPDRecipe, run: RunDir, model_path: Path) -> Path:
+    """`opd.init: task_arithmetic`: the student's start, `model + merge_scale * sum_i (teacher_i - model)`, in the
+    run's `init/` (written once, atomically; a resumed run finds it there)."""
+    from dspost.merging import task_arithmetic
+
+    out = run.root / "init"
+    if not (out / "config.json").is_file():
+        t0 = time.perf_counter()
+        task_arithmetic(model_path, [t.path for t in recipe.teachers], recipe.opd.merge_scale, out)
+        run.log.info("student start: %s + %g x the task vectors of %s (%.1f s)", model_path, recipe.opd.merge_scale,
+                     ", ".join(str(t.path) for t in recipe.teachers), time.perf_counter() - t0)
+    return out
 
 
 def start_teachers(recipe: OPDRecipe, rl: RLSession, student: Path) -> TeacherPool:

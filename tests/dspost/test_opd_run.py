@@ -68,6 +68,19 @@ def test_opd_distills_each_domain_from_its_own_teacher(recipe, tmp_path):
     assert rows[2]["opd/math/reverse_kl"] > first["opd/math/reverse_kl"]  # the student left the math teacher
 
 
+def test_a_student_started_from_the_teachers_task_arithmetic(recipe, tmp_path):
+    """`opd.init: task_arithmetic`: the student starts at student + (student - student) + (other - student), which
+    is the instruct teacher `other`: at step 1 its KL to that teacher is ~0 and to the math teacher (the checkpoint
+    named as the student) it is not, the reverse of the plain start."""
+    path, student = recipe
+    out = tmp_path / "run"
+    args = ["run", str(path), f"model.path={student}", f"output_dir={out}", "opd.init=task_arithmetic"]
+    assert main([*args, "--max-steps", "1"]) == 0
+    first = read_metrics(out)[1]
+    assert first["opd/instruct/reverse_kl"] < 1e-3 < 0.05 < first["opd/math/reverse_kl"], first
+    assert (out / "init" / "config.json").is_file()
+
+
 def test_a_transformers_student_is_distilled_served_and_synced(recipe, llama, tmp_path):
     """The student is a transformers Llama (the teachers' tokenizer, not their architecture): vLLM serves it, its
     updates reach the engine exactly (the parity probe), and its checkpoints stay transformers checkpoints. The

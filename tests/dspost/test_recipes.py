@@ -66,6 +66,8 @@ CASES = [
     ("bad fraction", "kind: sft\ndata:\n  max_bad_fraction: 2\n", [], "data.max_bad_fraction"),
     ("max steps zero", GOOD_SFT, ["--max-steps", "0"], "--max-steps: must be at least 1"),
     ("opd without teachers", "kind: opd\n", [], "teachers"),
+    ("merge scale without a merge", "kind: opd\nteachers: [{path: t}]\nopd: {merge_scale: 0.5}\n", [],
+     "opd.merge_scale: applies to opd.init: task_arithmetic only"),
     ("unsupported dtype", "kind: sft\nmodel:\n  dtype: float16\n", [], "model.dtype"),
     ("greedy group", "kind: grpo\nrollout:\n  n: 4\n  temperature: 0\n",
      [], "rollout: n=4 samples per prompt need temperature > 0"),
