@@ -46,8 +46,8 @@ def task_arithmetic(base: str | Path, models: list[str | Path], scale: float, ou
             raise MergeError(f"{path}: not a fine-tune of {base} (config.json differs in {', '.join(differ[:5])})")
         tuned = load_base(path).state_dict()
         if tuned.keys() != start.keys():
-            raise MergeError(f"{path}: not a fine-tune of {base} (tensor {sorted(tuned.keys() ^ start.keys())[0]} is in "
-                             "one of them only)")
+            only = sorted(tuned.keys() ^ start.keys())[0]
+            raise MergeError(f"{path}: not a fine-tune of {base} (tensor {only} is in one of them only)")
         seen: set[int] = set()  # a tensor the model holds under two names (tied embeddings) is added to once
         with torch.no_grad():
             for name, t in target.items():
