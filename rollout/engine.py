@@ -52,6 +52,12 @@ class VLLMEngine:
         # In-process engine core: weight updates pass tensors by reference (a separate engine process cannot
         # receive them through collective_rpc: "cannot pickle memoryview objects").
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # vLLM 0.32's AOT-compiled artifacts do not load under torch 2.13 ("'function' object has no attribute
+        # 'finalize_loading'"), so by default every start recompiles: 22 s for a checkpoint path served before, 42 s
+        # for a new one (the path is part of the cache key; every RL stage serves a new checkpoint). Without AOT
+        # compilation, Dynamo traces again and Inductor's graph cache, keyed by the graph, serves any checkpoint of a
+        # known architecture: 13 s, same logprobs (tiny-math, 2 cores, 2026-12-02; BENCHMARKS.md "Engine start").
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         if kv_cache_gb is not None:
             # CPU backend: a fixed KV-cache size instead of a fraction of the NUMA node's memory, whose
             # check counts every other engine in the process as used.
