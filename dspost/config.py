@@ -539,7 +539,7 @@ class TeacherSection(Section):
     backend: Literal["torch", "vllm"] = "torch"
     """How the teacher scores: `torch`, a plain forward (exact at any temperature, every estimator, starts in
     seconds), or `vllm`, prompt logprobs with the head scaled by 1/T (checked against the plain forward at start;
-    sampled and top-k without the student's top-k; ~2x faster per step on CPU, after a 35-70 s engine start)."""
+    sampled and top-k without the student's top-k; ~2x faster per step on CPU, after a 12-20 s engine start)."""
 
 
 class OPDSection(Section):
@@ -689,7 +689,7 @@ class EvaluateRecipe(StageBase):
     """Seed of sampled evaluation (`eval.temperature > 0`), in [0, 2**32)."""
     parity_threshold: float = Field(1e-3, gt=0, le=1.0)
     """Checkpoints of one architecture and tokenizer share an engine: each after the first has its weights pushed in
-    (a second, against a new engine's 30-70 s start), and the engine's logprobs on a probe must then match our
+    (a second, against a new engine's 12-20 s start), and the engine's logprobs on a probe must then match our
     model's on that checkpoint within this many nats, else the stage stops (as `sync.parity_threshold`)."""
 
     @model_validator(mode="after")

@@ -4,7 +4,7 @@ the pipeline report (`dspost/report.py`).
 Rows: `start` (the checkpoint the first model stage started from), then every evaluated stage in pipeline order. Each
 row is graded exactly as a GRPO run's evaluation grades (`dspost.rl.evaluate`: the domain's verifier in the scoring
 pool's worker processes, `eval/<domain>/accuracy`). Checkpoints of one architecture and tokenizer (ours, same
-`config.json`) share one engine: the first starts it (30-70 s on CPU), each next one has its weights pushed in
+`config.json`) share one engine: the first starts it (12-20 s on CPU), each next one has its weights pushed in
 through the trainer's weight transport (`rollout/sync.py`, ~0.1 s for tiny-math) and is checked by a parity probe
 against our model on that checkpoint. Each row's result is kept in `evaluation.json` as it is done, so a resumed
 evaluation grades only the rows it has not (or whose checkpoint or settings changed)."""

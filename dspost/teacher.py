@@ -15,7 +15,8 @@ Backends (`teachers[i].backend`), measured by `benchmarks/teacher_scoring.py` (1
 - `vllm`: prompt logprobs with the head scaled by 1/T (vLLM 0.32's prompt logprobs ignore the request's temperature:
   up to 0.95 nats, mean 0.19, off at T=0.6), checked against the plain forward at start; sampled tokens and top-k
   only. 1.01x the raw vLLM call's wall time (1.06x its CPU). It saves ~0.35 s per 128-sample step, which repays its
-  30-50 s engine start after ~100 steps: worth it for long runs, not for the pipeline's short OPD stage.
+  12-20 s engine start (30-50 s before `rollout/engine.py` turned vLLM's AOT compilation off) after ~35-60 steps:
+  worth it for long runs, not for the pipeline's short OPD stage.
 
     pool = TeacherPool(teacher_specs(recipe.teachers, paths), dtype="float32", row_len=recipe.algorithm.pack_len)
     pool.check_tokenizer(student_path)     # one line naming teachers[i].path when a vocabulary differs
