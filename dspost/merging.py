@@ -34,6 +34,7 @@ def task_arithmetic(base: str | Path, models: list[str | Path], scale: float, ou
     from dspost.lora import is_ours, load_base
     from dspost.model import load_tokenizer
     from dspost.model.checkpoint import atomic_dir, write_checkpoint
+    from dspost.training import check_finite, floating_tensors
 
     merged = load_base(base)
     target = merged.state_dict()
@@ -54,6 +55,7 @@ def task_arithmetic(base: str | Path, models: list[str | Path], scale: float, ou
                 if t.is_floating_point() and t.data_ptr() not in seen:
                     seen.add(t.data_ptr())
                     t.add_(tuned[name].to(t.dtype) - start[name], alpha=scale)
+    check_finite(0, "a merged weight", floating_tensors(merged))  # before anything is written
     out = Path(out)
     with atomic_dir(out) as tmp:
         tokenizer = load_tokenizer(str(base))

@@ -185,6 +185,18 @@ def _data_problem(path: str) -> str | None:
             f"{_SAVED_DATASET_DICT}); name a JSONL/JSON/Parquet/CSV file, or write the dataset with `save_to_disk`")
 
 
+def transformers_policy_problem(stage: StageRecipe, model_class: str) -> str | None:
+    """What RL implements for our checkpoints only, asked of a policy that is a transformers `model_class`, else
+    None (the router-bias update does not apply to it and is skipped, as in SFT)."""
+    if stage.kind not in ("grpo", "opd"):
+        return None
+    used = {"trainer.lora": stage.trainer.lora is not None, "sync.quantize": stage.sync.quantize != "none"}
+    field = next((f for f, on in used.items() if on), None)
+    return None if field is None else (
+        f"{field}: implemented for deepseek_v3 checkpoints in RL; the policy is a {model_class} (vLLM fuses its "
+        "projections under names our LoRA merge and FP8 sync do not write)")
+
+
 def check_paths(recipe: Recipe) -> None:
     """Every file or directory a recipe names must exist, and be of the kind it names, before anything starts.
 
@@ -193,6 +205,11 @@ def check_paths(recipe: Recipe) -> None:
         model = getattr(stage, "model", None)
         if model is not None and model.path and (problem := _checkpoint_problem(model.path)):
             raise RecipeError(f"{prefix}model.path: {problem}")
+        if model is not None and model.path:
+            cfg = json.loads((Path(model.path).expanduser() / "config.json").read_text())
+            arch = (cfg.get("architectures") or [cfg.get("model_type")])[0]
+            if cfg.get("model_type") != "deepseek_v3" and (problem := transformers_policy_problem(stage, arch)):
+                raise RecipeError(f"{prefix}{problem}")
         data = getattr(stage, "data", None)
         for field in ("path", "eval_path"):
             value = getattr(data, field, None) if data is not None else None

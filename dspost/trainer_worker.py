@@ -177,16 +177,6 @@ def packed_logprobs(model, ids: torch.Tensor, lengths: torch.Tensor, row_len: in
     return lp, entropy, got[2].new_zeros(B, L - 1, got[2].shape[-1]).masked_scatter(at[..., None], got[2])
 
 
-def refuse_for_transformers(recipe: GRPORecipe | OPDRecipe, model_class: str) -> None:
-    """The RL trainer runs a transformers causal LM as a plain policy: what is built for our checkpoints only is
-    refused in one line (the router-bias update does not apply and is skipped, as in SFT)."""
-    t = recipe.trainer
-    for field, used in (("trainer.lora", t.lora is not None), ("sync.quantize", recipe.sync.quantize != "none")):
-        if used:
-            raise ValueError(f"{field}: implemented for deepseek_v3 checkpoints in RL; the policy is a {model_class} "
-                             "(vLLM fuses its projections under names our LoRA merge and FP8 sync do not write)")
-
-
 class TrainerWorker:
     """One rank of the trainer pool, built from the typed recipe: the policy, its optimizer, the reference model
     (when `algorithm.kl_beta > 0`), and its share of every rollout batch."""
@@ -195,6 +185,7 @@ class TrainerWorker:
                  resume_from: str | None = None):
         from dspost.lora import is_ours, load_base
         from dspost.model import load_tokenizer
+        from dspost.recipe import transformers_policy_problem
 
         self.recipe, self.rank, self.world = recipe, rank, world
         t, m = recipe.trainer, recipe.model
@@ -207,8 +198,10 @@ class TrainerWorker:
         # Our model, or any transformers causal LM vLLM serves (the policy needs the engines' architecture only).
         self.model = load_base(model_path if t.lora else (resume_from or model_path), dtype=torch_dtype(m))
         self.ours = is_ours(self.model)
-        if not self.ours:
-            refuse_for_transformers(recipe, type(self.model).__name__)
+        if not self.ours:  # refused before anything starts for `model.path` (`recipe.check_paths`); here for the rest
+            problem = transformers_policy_problem(recipe, type(self.model).__name__)
+            if problem:
+                raise ValueError(problem)
             check_packing(self.model, self.model.config.vocab_size, f"model {model_path}")
         elif self.device.type == "cuda":  # one-launch Triton grouped GEMM for the routed experts
             from dspost.model.quant import use_grouped_gemm

@@ -499,9 +499,10 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
 def check_vllm_servable(path: str | os.PathLike) -> None:
     """Refuse a checkpoint that vLLM's DeepseekV3 path would serve as a different model (other architectures are
     vLLM's own to serve or refuse)."""
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    if cfg.get("model_type") != "deepseek_v3":
+    cfg_file = Path(path) / "config.json"
+    if cfg_file.is_file() and json.loads(cfg_file.read_text()).get("model_type") != "deepseek_v3":
         return
+    cfg = read_config(path)
     args = ModelArgs.from_dict(cfg)
     unsupported = cfg.get("dspost_vllm_unsupported") or args.vllm_unsupported()
     if unsupported:

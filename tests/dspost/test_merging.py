@@ -65,3 +65,16 @@ def test_a_checkpoint_of_another_model_is_refused(inits, tmp_path):
     with pytest.raises(MergeError, match=f"^{dense}: not a fine-tune of {inits[0]} \\(config.json differs in") as e:
         task_arithmetic(inits[0], [inits[1], dense], 1.0, tmp_path / "merged")
     assert "\n" not in str(e.value) and not (tmp_path / "merged").exists()
+
+
+def test_a_merge_that_is_not_finite_is_refused_before_anything_is_written(inits, tmp_path):
+    from dspost.model import from_pretrained
+    from dspost.training import NonFiniteError
+
+    broken = from_pretrained(str(inits[1]))
+    with torch.no_grad():
+        next(broken.parameters()).view(-1)[0] = float("nan")
+    broken.save_pretrained(tmp_path / "nan")
+    with pytest.raises(NonFiniteError, match="a merged weight is not finite"):
+        task_arithmetic(inits[0], [tmp_path / "nan"], 1.0, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

@@ -365,3 +365,16 @@ def test_a_run_that_needs_an_unavailable_sandbox_is_refused_before_it_starts(tmp
         assert main(["run", str(recipe), *dry]) == 2
         err = capsys.readouterr().err.strip()
         assert err == f"error: {field}: bubblewrap (bwrap) is not installed: apt-get install bubblewrap"
+
+
+def test_rl_options_built_for_our_checkpoints_are_refused_for_a_transformers_policy_before_anything_starts(
+        llama, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text(f"kind: grpo\nmodel: {{path: {llama}}}\ntrainer:\n  lora: {{}}\n")
+    for dry in (["--dry-run"], []):
+        assert main(["run", str(recipe), *dry]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "trainer.lora: implemented for deepseek_v3 checkpoints in RL; the " \
+            "policy is a LlamaForCausalLM" in err, err
+        assert not (tmp_path / "runs").exists()
